@@ -1,0 +1,1 @@
+"""minipass: a reference implementation of PaSS (Parallel Speculative Sampling)."""

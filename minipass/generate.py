@@ -1,0 +1,115 @@
+"""Command line: generate text with a checkpoint (the embedded default model when no --ckpt is given).
+
+    python -m minipass.generate --prompt "Write a haiku about the sea." --chat
+    python -m minipass.generate --ckpt path/to/llama --prompt "def fib(n):" --temperature 0.8 --top-k 10
+
+One prompt streams its completion to stdout; several --prompt options run as one batch and print each completion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from minipass.decoding import SamplingParams, ar_decode
+from minipass.errors import MinipassError
+from minipass.loading import load_checkpoint
+from minipass.lookahead import init_lookahead, load_lookahead
+from minipass.pass_decoding import pass1_decode, pass_decode
+
+MODES = {"ar": ar_decode, "pass": pass_decode, "pass1": pass1_decode}
+LOOKAHEAD_MODES = ("pass", "pass1")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared with bench.py and the training script."""
+    parser.add_argument("--ckpt", default=None,
+                        help="Hugging Face-layout checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                        help="weights and activations dtype (default: fp32 on CPU, bf16 on CUDA)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+
+
+def add_lookahead_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lookahead-file", default=None,
+                        help="look-ahead embeddings (.safetensors); default: the ones shipped for the default model, "
+                             "else untrained (mean-embedding) ones")
+    parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
+                        help="attention and acceptance through the Triton kernels (CUDA) or torch (default: auto)")
+
+
+def lookahead_for(model, ckpt_dir, path, L: int, quiet: bool = False):
+    """The look-ahead embeddings (L, dim) a PaSS mode uses: from `path`, or untrained ones when there is none."""
+    if path is None:
+        if not quiet:
+            print(f"minipass: no --lookahead-file; using {L} untrained (mean-embedding) look-ahead tokens, "
+                  "which draft poorly", file=sys.stderr)
+        if L < 1:
+            raise MinipassError(f"--lookahead must be >= 1, got {L}")
+        weight = model.embed_tokens.weight
+        return init_lookahead(model, L).to(weight.dtype)
+    return load_lookahead(path, model, L)
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first row's random stream (row i uses seed+i)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m minipass.generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    add_sampling_args(parser)
+    parser.add_argument("--mode", default="ar", choices=sorted(MODES), help="decoding algorithm (default: ar)")
+    parser.add_argument("--lookahead", type=int, default=4, help="look-ahead tokens L for the PaSS modes (default 4)")
+    add_lookahead_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+        model, tok, ckpt_dir = load_checkpoint(args.ckpt, args.dtype, args.device, args.kernels)
+        extra = {}
+        if args.mode in LOOKAHEAD_MODES:
+            extra["lookahead"] = lookahead_for(model, ckpt_dir, args.lookahead_file, args.lookahead)
+        texts = [tok.chat_prompt(p) if args.chat else p for p in args.prompt]
+        prompts = [tok.encode(t) for t in texts]
+        seeds = [args.seed + i for i in range(len(prompts))]
+
+        on_tokens = None
+        if len(prompts) == 1:
+            stream, printed = tok.stream(), [0]
+
+            def on_tokens(out, n_out):
+                n = int(n_out[0])
+                for t in out[0, printed[0]:n].tolist():
+                    sys.stdout.write(stream.push(t))
+                sys.stdout.flush()
+                printed[0] = n
+
+        result = MODES[args.mode](model, prompts, args.max_new_tokens, sampling, seeds=seeds,
+                                  stop_ids=tok.eos_ids, on_tokens=on_tokens, **extra)
+        if len(prompts) == 1:
+            sys.stdout.write(stream.flush() + "\n")
+        else:
+            for i, ids in enumerate(result.tokens):
+                print(f"--- [{i}] {args.prompt[i]!r}\n{tok.decode(ids)}")
+        s = result.stats
+        print(f"[{args.mode}] {s.tokens} tokens in {s.wall_s:.2f} s ({s.tokens / s.wall_s:.1f} tokens/s, "
+              f"{s.tokens_per_call:.2f} tokens per call)", file=sys.stderr)
+    except MinipassError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""A LLaMA-style transformer with a static KV cache and a boolean mask among the new tokens.
+
+One forward call takes T new tokens per row (ids or input embeddings), their RoPE positions, and each row's cache
+length L_b. Their K/V are written at cache slots L_b .. L_b+T-1; new token i then attends to every cached slot below
+L_b and to new token j where mask[i, j] (causal when no mask is given). The caller owns the cache lengths: it
+advances them over the tokens it keeps, and whatever lies beyond is simply overwritten by the next call. That single
+call covers prefill (ragged prompts, right-padded), autoregressive steps, PaSS drafting with look-ahead embeddings,
+verification, and token trees.
+
+Parameter names follow Hugging Face checkpoints (without the leading "model."), so loading is one key map.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from minipass.config import ModelArgs
+
+try:  # the Triton kernel is optional: CPU-only machines, and platforms without Triton, use the torch path
+    from kernels.attention import attention as triton_attention
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton_attention = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 and scale in the model's dtype, like the reference LLaMA code.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_frequencies(args: ModelArgs) -> Tensor:
+    """Inverse frequencies (head_dim // 2,) in fp32, with the 'linear' or 'llama3' scaling of config.json."""
+    d = args.head_dim
+    # fp32 throughout, as in the Hugging Face implementation, so logits match it closely.
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # Llama 3.1: long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated.
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_len / wavelen) - low) / (high - low)
+        interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_len / low, inv_freq / factor,
+                               torch.where(wavelen < old_len / high, inv_freq, interpolated))
+    return inv_freq
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE (the Hugging Face layout). x: (B, T, H, D); cos, sin: (B, T, 1, D) in fp32."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """One layer's view (B, H_kv, S_max, D) of the model's static cache. Slot = token index in the row's sequence."""
+
+    def __init__(self, k: Tensor, v: Tensor):
+        self.k, self.v = k, v
+
+    def write(self, k: Tensor, v: Tensor, slots: Tensor) -> None:
+        # k, v: (B, T, H_kv, D); slots: (B, T) cache slot of each new token.
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[rows, :, slots] = k.to(self.k.dtype)
+        self.v[rows, :, slots] = v.to(self.v.dtype)
+
+
+def attention_mask(cache_seqlens: Tensor, mask: Optional[Tensor], T: int, kv_len: int) -> Tensor:
+    """The explicit (B, T, kv_len) boolean mask the torch path uses: cached prefix + `mask` among new tokens."""
+    device = cache_seqlens.device
+    rel = torch.arange(kv_len, device=device)[None, :] - cache_seqlens[:, None]  # (B, S): slot relative to L_b
+    prefix = (rel < 0)[:, None, :]  # (B, 1, S)
+    rel = rel[:, None, :]  # (B, 1, S)
+    if mask is None:
+        new = (rel >= 0) & (rel <= torch.arange(T, device=device)[None, :, None])
+    else:
+        mask = mask.expand(cache_seqlens.shape[0], T, T)
+        inside = (rel >= 0) & (rel < T)
+        new = mask.gather(2, rel.clamp(0, T - 1).expand(-1, T, -1)) & inside
+    return prefix | new
+
+
+def attention_torch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Softmax attention with an explicit mask, grouped-query aware, for any device.
+
+    q: (B, Hq, T, D); k, v: (B, H_kv, S, D); mask: (B, T, S) bool. The G = Hq / H_kv query heads that share a KV
+    head are stacked into one (G*T, D) matrix, so each KV head is read once and no K/V copy is made. Decoding
+    shapes (a few new tokens) are where this matters; every query row sees at least itself, so no row is empty.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    qg = q.reshape(B, Hkv, G * T, D)  # head h = kv_head * G + g
+    scores = (qg @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))  # (B, H_kv, G*T, S)
+    scores = scores.view(B, Hkv, G, T, S).masked_fill(~mask[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, Hkv, G * T, S)
+    return (probs @ v).view(B, Hq, T, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=bias)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, cache_seqlens: Tensor,
+                mask: Optional[Tensor], full_mask: Optional[Tensor], kv_len: int) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        self.kv_cache.write(k, v, slots)
+
+        q = q.transpose(1, 2)  # (B, Hq, T, D)
+        if full_mask is None:  # Triton path: the kernel reads the cache and the new-token mask directly
+            y = triton_attention(q, self.kv_cache.k, self.kv_cache.v, cache_seqlens, mask, check_values=False)
+        else:
+            y = attention_torch(q, self.kv_cache.k[:, :, :kv_len], self.kv_cache.v[:, :, :kv_len], full_mask)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = FeedForward(args)
+
+    def forward(self, x: Tensor, *attn_args) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), *attn_args)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.kernels = "torch"  # "torch" or "triton"; see set_kernels()
+        self.cache_batch_size = 0
+        self.cache_len = 0
+
+    def rope_tables(self, device) -> tuple[Tensor, Tensor]:
+        """cos/sin tables (max_seq_len, head_dim), fp32. Kept out of the state dict: they are derived from config."""
+        if getattr(self, "_rope", None) is None or self._rope[0].device != torch.device(device):
+            inv_freq = rope_frequencies(self.args).to(device)
+            angles = torch.outer(torch.arange(self.args.max_seq_len, device=device, dtype=torch.float32), inv_freq)
+            angles = torch.cat((angles, angles), dim=-1)
+            self._rope = (angles.cos(), angles.sin())
+        return self._rope
+
+    def setup_caches(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> None:
+        """Allocate a static KV cache of `max_seq_len` slots per row: one tensor for all layers, so that moving
+        accepted tree tokens to consecutive slots is a single index copy (see move_cache_slots)."""
+        param = self.embed_tokens.weight
+        dtype, device = dtype or param.dtype, device or param.device
+        a = self.args
+        self.kv = torch.zeros(a.n_layers, 2, batch_size, a.n_kv_heads, max_seq_len, a.head_dim, dtype=dtype,
+                              device=device)
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.kv_cache = KVCache(self.kv[i, 0], self.kv[i, 1])
+        self.cache_batch_size, self.cache_len = batch_size, max_seq_len
+
+    def move_cache_slots(self, src: Tensor, dst: Tensor) -> None:
+        """For every layer, copy the K/V of cache slots src[b, i] to dst[b, i] (both (B, n)). The gather happens
+        before the scatter, so overlapping ranges are fine."""
+        rows = torch.arange(src.shape[0], device=src.device)[:, None]
+        self.kv[:, :, rows, :, dst] = self.kv[:, :, rows, :, src]
+
+    def set_kernels(self, impl: str) -> None:
+        """Attention and acceptance through 'triton' kernels (CUDA tensors only) or plain 'torch' (any device)."""
+        if impl not in ("torch", "triton"):
+            raise ValueError(f"kernels must be 'torch' or 'triton', got {impl!r}")
+        if impl == "triton" and triton_attention is None:
+            raise RuntimeError("the triton kernels need the triton package, which is not installed")
+        self.kernels = impl
+
+    @property
+    def use_triton(self) -> bool:
+        return self.kernels == "triton" and self.embed_tokens.weight.is_cuda
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        return self.embed_tokens(tokens)
+
+    def forward(self, tokens: Optional[Tensor] = None, *, input_pos: Tensor, cache_seqlens: Tensor,
+                mask: Optional[Tensor] = None, embeds: Optional[Tensor] = None, kv_len: Optional[int] = None,
+                logits_index: Optional[Tensor] = None, return_hidden: bool = False) -> Tensor:
+        """Run T new tokens per row through the model and return their logits.
+
+        tokens: (B, T) ids, or embeds: (B, T, dim) input embeddings (look-ahead tokens enter this way).
+        input_pos: (B, T) RoPE positions. cache_seqlens: (B,) committed cache length L_b of each row; new token i
+        is written at slot L_b + i. mask: (T, T) or (B, T, T) bool among the new tokens (diagonal true), None =
+        causal. kv_len: number of cache slots the torch path attends over (>= max(L_b) + T; default all).
+        logits_index: (B, K) indices of the new tokens whose logits are wanted (default all T).
+        Returns logits (B, K or T, vocab), or with return_hidden the final normalised hidden states (B, K or T, dim),
+        which `head` turns into logits (decoders that need only some rows' logits use it).
+        """
+        x = self.embed_tokens(tokens) if embeds is None else embeds
+        B, T, _ = x.shape  # (B, T, dim)
+        cos, sin = self.rope_tables(x.device)
+        cos, sin = cos[input_pos][:, :, None, :], sin[input_pos][:, :, None, :]  # (B, T, 1, D)
+        slots = cache_seqlens[:, None] + torch.arange(T, device=x.device)  # (B, T)
+        kv_len = self.cache_len if kv_len is None else kv_len
+        full_mask = None
+        if not self.use_triton:
+            full_mask = attention_mask(cache_seqlens, mask, T, kv_len)  # built once, shared by every layer
+        for layer in self.layers:
+            x = layer(x, cos, sin, slots, cache_seqlens, mask, full_mask, kv_len)
+        if logits_index is not None:
+            x = x.gather(1, logits_index[:, :, None].expand(-1, -1, x.shape[-1]))
+        x = self.norm(x)
+        return x if return_hidden else self.head(x)
+
+    def head(self, h: Tensor) -> Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, weight)

@@ -1,0 +1,93 @@
+"""The sampling transform (temperature, top-k, top-p), inverse-CDF sampling, and counter-based random numbers.
+
+Randomness is an input. Every random number is a pure function of (row seed, position, stream), computed with an
+integer hash on whatever device the tensors live on: no generator state, no host sync, and a row draws the same
+numbers whichever rows share its batch. Decoders name the token position a number decides and the purpose
+(stream), so a given decision always sees the same uniform.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from minipass.errors import MinipassError
+
+# Streams: one per purpose, so the uniforms of different decisions about the same position are independent.
+SAMPLE, DRAFT, ACCEPT, RESIDUAL = 0, 1, 2, 3
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: Tensor) -> Tensor:
+    # A 32-bit integer finaliser (Wellons' "lowbias32" constants). Both multipliers are below 2**31, so every product
+    # of a 32-bit value fits in int64: no reliance on overflow behaviour, identical results on CPU and CUDA.
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _MASK32
+    return x ^ (x >> 15)
+
+
+def uniforms(seeds: Tensor, positions: Tensor, stream: int) -> Tensor:
+    """Uniform floats in [0, 1), float32, shaped like `positions`.
+
+    seeds: (B,) int64 per-row seeds. positions: (B, ...) int64 counters (token positions). stream: a small int.
+    """
+    seeds = seeds.reshape(seeds.shape + (1,) * (positions.dim() - 1)).long()
+    x = _hash32(seeds ^ 0x5BD1E995)
+    x = _hash32(x ^ (seeds >> 32))
+    x = _hash32(x ^ positions.long())
+    x = _hash32(x ^ (positions.long() >> 32) ^ (stream * 0x9E3779B1 & _MASK32))
+    return (x >> 8).float() * (1.0 / (1 << 24))  # 24 bits: exactly representable in fp32
+
+
+def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
+    if not temperature >= 0:
+        raise MinipassError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not (isinstance(top_k, int) and top_k >= 0):
+        raise MinipassError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise MinipassError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+
+
+def logits_to_probs(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """The target distribution p over the last dim, float32, after temperature, then top-k, then top-p.
+
+    temperature 0 is greedy: one-hot on the argmax (lowest index on ties).
+    top-k keeps every token whose logit is >= the k-th largest (ties at the boundary all kept).
+    top-p keeps every token whose probability is >= t, where t is the probability of the last token, in descending
+    order, whose exclusive cumulative probability is < top_p: the set does not depend on how ties are sorted.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs = probs.sort(dim=-1, descending=True).values
+        exclusive = sorted_probs.cumsum(-1) - sorted_probs
+        # The last rank whose exclusive cumulative mass is below top_p; rank 0 always qualifies.
+        last = (exclusive < top_p).sum(-1, keepdim=True) - 1
+        threshold = sorted_probs.gather(-1, last)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(probs: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF sampling: the smallest index i with cumsum(probs)[i] > u * sum(probs).
+
+    probs: (..., V) nonnegative; u: (...) uniforms in [0, 1). Returns int64 (...). A zero-probability token is never
+    returned when the row has mass; an all-zero row gives index 0.
+    """
+    cdf = probs.float().cumsum(-1)
+    total = cdf[..., -1:].contiguous()
+    idx = torch.searchsorted(cdf, u.float()[..., None] * total, right=True)
+    # u * total can round up to total; the first index reaching total is the last token with mass.
+    last = torch.searchsorted(cdf, total, right=False)
+    return torch.minimum(idx, last).squeeze(-1)

@@ -1,0 +1,49 @@
+"""Helpers for tests: tiny random models and checkpoints written in the Hugging Face layout."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from minipass.config import ModelArgs
+from minipass.model import Transformer
+
+
+def tiny_model(name: str = "tiny", seed: int = 0, dtype=torch.float32, embed_std: float = 1.0) -> Transformer:
+    """A random model. A small embed_std flattens the output distribution (logits scale with the embeddings when
+    they are tied), which the sampling tests need: a near one-hot target would test nothing."""
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs.from_name(name))
+    model.embed_tokens.weight.data.mul_(embed_std)
+    # Random norms too, so a bug that ignores a norm weight shows up.
+    for mod in model.modules():
+        if hasattr(mod, "eps"):
+            mod.weight.data.uniform_(0.5, 1.5)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def hf_state_dict(model: Transformer) -> dict:
+    """The model's tensors under their Hugging Face names."""
+    out = {}
+    for name, t in model.state_dict().items():
+        out[name if name.startswith("lm_head") else "model." + name] = t.contiguous()
+    return out
+
+
+def save_checkpoint(model: Transformer, path: Path, shards: int = 1) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(model.args.to_hf_config(), indent=2))
+    sd = hf_state_dict(model)
+    if shards == 1:
+        save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return path
+    names = sorted(sd)
+    weight_map = {}
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: sd[n] for n in names[i::shards]}
+        save_file(part, str(path / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
