@@ -111,6 +111,8 @@ class DecodeState:
         self.attempted = torch.zeros(draft_positions, dtype=torch.long, device=device)
         self.accepted = torch.zeros(draft_positions, dtype=torch.long, device=device)
         self.stats = DecodeStats()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # time this call's work only
         self._t0 = time.perf_counter()
 
         if longest > 1:  # prefill every prompt but its last token, right-padded

@@ -13,6 +13,7 @@ Parameter names follow Hugging Face checkpoints (without the leading "model."), 
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -179,6 +180,7 @@ class Transformer(nn.Module):
         self.kernels = "torch"  # "torch" or "triton"; see set_kernels()
         self.cache_batch_size = 0
         self.cache_len = 0
+        self.static_kv = False  # see compile_for_decoding()
 
     def rope_tables(self, device) -> tuple[Tensor, Tensor]:
         """cos/sin tables (max_seq_len, head_dim), fp32. Kept out of the state dict: they are derived from config."""
@@ -207,17 +209,29 @@ class Transformer(nn.Module):
         rows = torch.arange(src.shape[0], device=src.device)[:, None]
         self.kv[:, :, rows, :, dst] = self.kv[:, :, rows, :, src]
 
+    def compile_for_decoding(self, **kwargs) -> None:
+        """torch.compile the forward with static shapes (on CUDA with mode="reduce-overhead" for CUDA graphs).
+
+        Attention then always spans the whole cache instead of the `kv_len` slots in use, so each call width (1 for
+        autoregressive steps, the layout width of a speculative mode) compiles once.
+        """
+        self.static_kv = True
+        self.forward = torch.compile(self.forward, dynamic=False, **kwargs)
+
     def set_kernels(self, impl: str) -> None:
-        """Attention and acceptance through 'triton' kernels (CUDA tensors only) or plain 'torch' (any device)."""
+        """Attention and acceptance through the 'triton' kernels (CUDA tensors, or CPU tensors under
+        TRITON_INTERPRET=1 for testing) or plain 'torch' (any device)."""
         if impl not in ("torch", "triton"):
             raise ValueError(f"kernels must be 'torch' or 'triton', got {impl!r}")
         if impl == "triton" and triton_attention is None:
             raise RuntimeError("the triton kernels need the triton package, which is not installed")
+        if impl == "triton" and not (self.embed_tokens.weight.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise RuntimeError("the triton kernels run on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)")
         self.kernels = impl
 
     @property
     def use_triton(self) -> bool:
-        return self.kernels == "triton" and self.embed_tokens.weight.is_cuda
+        return self.kernels == "triton"
 
     def embed(self, tokens: Tensor) -> Tensor:
         return self.embed_tokens(tokens)
@@ -240,7 +254,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope_tables(x.device)
         cos, sin = cos[input_pos][:, :, None, :], sin[input_pos][:, :, None, :]  # (B, T, 1, D)
         slots = cache_seqlens[:, None] + torch.arange(T, device=x.device)  # (B, T)
-        kv_len = self.cache_len if kv_len is None else kv_len
+        kv_len = self.cache_len if kv_len is None or self.static_kv else kv_len
         full_mask = None
         if not self.use_triton:
             full_mask = attention_mask(cache_seqlens, mask, T, kv_len)  # built once, shared by every layer
