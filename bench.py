@@ -165,7 +165,7 @@ def record(dataset, mode, L, sampling, args, n_prompts, stats, outputs, ar, gb) 
         "mean_accepted": round(stats.mean_accepted, 4) if stats.attempted else None,
         "weights_gb_per_s": round(gb * stats.calls / stats.wall_s, 3) if stats.wall_s else 0.0,
         "speedup_vs_ar": round(tps / ar["tokens_per_s"], 4) if ar and ar["tokens_per_s"] else 1.0,
-        "identical_to_ar": (outputs == ar["outputs"]) if (greedy and ar) else None,
+        "identical_to_ar": (True if ar is None else outputs == ar["outputs"]) if greedy else None,
     }
 
 

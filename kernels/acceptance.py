@@ -633,30 +633,3 @@ def accept_from_logits_ref(target_logits, draft_tokens, num_drafts, u_accept, u_
     q = None if draft_logits is None else sampling_probs_ref(draft_logits, temperature, top_k, top_p)
     return accept_ref(p, draft_tokens, num_drafts, u_accept, u_sample, q)
 
-
-if __name__ == "__main__":
-    # python -m kernels.acceptance: kernel vs torch reference at the shape PaSS verifies with (needs a GPU).
-    from triton.testing import do_bench
-
-    B, K, V = 64, 6, 32000
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    logits = torch.randn(B, K + 1, V, device="cuda", generator=gen) * 3
-    draft_logits = logits[:, :K] + torch.randn(B, K, V, device="cuda", generator=gen)
-    p, q = torch.softmax(logits, -1), torch.softmax(draft_logits, -1)
-    drafts = torch.multinomial(q.flatten(0, 1), 1, generator=gen).view(B, K)
-    n = torch.full((B,), K, device="cuda")
-    u_accept = torch.rand(B, K, device="cuda", generator=gen)
-    u_sample = torch.rand(B, device="cuda", generator=gen)
-    runs = {
-        "accept": (lambda: accept(p, drafts, n, u_accept, u_sample, q),
-                   lambda: accept_ref(p, drafts, n, u_accept, u_sample, q)),
-        "accept, deterministic drafts": (lambda: accept(p, drafts, n, u_accept, u_sample),
-                                         lambda: accept_ref(p, drafts, n, u_accept, u_sample)),
-        "accept_from_logits T=0.8 top-k 50 top-p 0.9": (
-            lambda: accept_from_logits(logits, drafts, n, u_accept, u_sample, draft_logits, 0.8, 50, 0.9),
-            lambda: accept_from_logits_ref(logits, drafts, n, u_accept, u_sample, draft_logits, 0.8, 50, 0.9)),
-    }
-    print(f"B={B} K={K} V={V} fp32, {torch.cuda.get_device_name()}")
-    for name, (kernel, reference) in runs.items():
-        t_kernel, t_ref = do_bench(kernel) * 1e3, do_bench(reference) * 1e3
-        print(f"{name:46s} kernel {t_kernel:8.1f} us   torch {t_ref:8.1f} us   {t_ref / t_kernel:5.1f}x")

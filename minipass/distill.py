@@ -37,8 +37,9 @@ def sharegpt_train_prompts(num: int, seed: int, max_chars: int = 2000) -> list[s
     return prompts[:num]
 
 
-def code_prompts(num: int, seed: int) -> list[str]:
-    """Signature and docstring of documented standard-library functions (dedented, decorators dropped)."""
+def code_prompts(num: int, seed: int, max_chars: int = 1500) -> list[str]:
+    """Signature and docstring of documented standard-library functions (dedented, decorators dropped), at most
+    max_chars long like HumanEval's prompts."""
     found = []
     for path in stdlib_files():
         try:
@@ -50,7 +51,9 @@ def code_prompts(num: int, seed: int) -> list[str]:
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node):
                 doc = node.body[0]
-                found.append(textwrap.dedent("".join(lines[node.lineno - 1: doc.end_lineno])))
+                prompt = textwrap.dedent("".join(lines[node.lineno - 1: doc.end_lineno]))
+                if len(prompt) <= max_chars:
+                    found.append(prompt)
     random.Random(seed).shuffle(found)
     return found[:num]
 

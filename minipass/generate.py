@@ -51,8 +51,8 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
                         help="attention and acceptance through the Triton kernels (CUDA) or torch (default: auto)")
     d = TreeConfig()
-    parser.add_argument("--pass1-blocks", type=int, default=None,
-                        help="pass1: look-ahead blocks after acceptance points 0..N-1 (default: all L+1)")
+    parser.add_argument("--pass1-blocks", type=int, default=2,
+                        help="pass1: look-ahead blocks after acceptance points 0..N-1, 0 = all L+1 (default 2)")
     parser.add_argument("--tree-nodes", type=int, default=d.nodes, help=f"tree: candidate nodes per call ({d.nodes})")
     parser.add_argument("--tree-topk", type=int, default=d.topk,
                         help=f"tree: look-ahead candidates per depth ({d.topk})")
@@ -94,10 +94,26 @@ def make_decoder(mode: str, model, args, L: int, quiet: bool = False):
     if mode == "pass":
         return partial(pass_decode, lookahead=lookahead)
     if mode == "pass1":
-        return partial(pass1_decode, lookahead=lookahead, blocks=args.pass1_blocks)
+        return partial(pass1_decode, lookahead=lookahead, blocks=args.pass1_blocks or None)
     tree = TreeConfig(nodes=args.tree_nodes, topk=args.tree_topk, blocks=args.tree_blocks,
                       ngram_chains=args.ngram_chains, **ngram)
     return partial(tree_decode, lookahead=lookahead, tree=tree)
+
+
+class StdoutStream:
+    """on_tokens callback: writes row 0's newly committed tokens to stdout as text."""
+
+    def __init__(self, tok):
+        self.decoder, self.printed = tok.stream(), 0
+
+    def __call__(self, out, n_out) -> None:
+        n = int(n_out[0])
+        sys.stdout.write("".join(self.decoder.push(t) for t in out[0, self.printed:n].tolist()))
+        sys.stdout.flush()
+        self.printed = n
+
+    def close(self) -> None:
+        sys.stdout.write(self.decoder.flush() + "\n")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,21 +140,11 @@ def main(argv=None) -> int:
         prompts = [tok.encode(t) for t in texts]
         seeds = [args.seed + i for i in range(len(prompts))]
 
-        on_tokens = None
-        if len(prompts) == 1:
-            stream, printed = tok.stream(), [0]
-
-            def on_tokens(out, n_out):
-                n = int(n_out[0])
-                for t in out[0, printed[0]:n].tolist():
-                    sys.stdout.write(stream.push(t))
-                sys.stdout.flush()
-                printed[0] = n
-
+        printer = StdoutStream(tok) if len(prompts) == 1 else None
         result = decode(model, prompts, args.max_new_tokens, sampling, seeds=seeds, stop_ids=tok.eos_ids,
-                        on_tokens=on_tokens)
-        if len(prompts) == 1:
-            sys.stdout.write(stream.flush() + "\n")
+                        on_tokens=printer)
+        if printer is not None:
+            printer.close()
         else:
             for i, ids in enumerate(result.tokens):
                 print(f"--- [{i}] {args.prompt[i]!r}\n{tok.decode(ids)}")

@@ -45,7 +45,7 @@ from minipass.errors import MinipassError
 from minipass.generate import add_model_args
 from minipass.model import KVCache, Transformer
 
-DEFAULT_DATA = ("distill:data/distill-sharegpt.jsonl", "distill:data/distill-code.jsonl", "sharegpt")
+DEFAULT_DATA = ("distill:data/distill-sharegpt.jsonl", "distill:data/distill-code.jsonl")  # the shipped recipe
 LOSS_CHUNK_ROWS = 1024  # look-ahead outputs per loss chunk: bounds the (rows, vocab) logits held at once
 
 
@@ -231,7 +231,7 @@ def lookahead_forward(model: Transformer, tokens: Tensor, emb: Tensor, layout: L
 
 
 def lookahead_loss(model: Transformer, tokens: Tensor, emb: Tensor, layout: Layout, loss: str = "ce",
-                   backward: bool = True) -> tuple[float, Tensor, int]:
+                   backward: bool = True, decay: float = 1.0) -> tuple[float, Tensor, int]:
     """Mean loss over every block output, and per position k the hits of its argmax on the model's greedy token.
 
     The greedy token at B_a[k]'s target is the argmax of real token a + k's output: what greedy verification would
@@ -251,6 +251,8 @@ def lookahead_loss(model: Transformer, tokens: Tensor, emb: Tensor, layout: Layo
     # B_a[k] (k = 1..L) predicts the token at a + 1 + k, which real token a + k predicts too.
     src = layout.anchors[:, None] + torch.arange(1, L + 1, device=tokens.device)  # (nb, L)
     total, hits = 0.0, torch.zeros(L, dtype=torch.long, device=tokens.device)
+    weights = decay ** torch.arange(L, device=tokens.device, dtype=torch.float32)
+    weights = weights * L / weights.sum()  # (L,) mean 1
     per_chunk = max(1, LOSS_CHUNK_ROWS // (B * L))
     for c in range(0, nb, per_chunk):
         rows = src[c: c + per_chunk]  # (cb, L)
@@ -260,10 +262,10 @@ def lookahead_loss(model: Transformer, tokens: Tensor, emb: Tensor, layout: Layo
                 p = model.head(real[:, lo:hi]).float()[:, rows - lo]  # (B, cb, L, V): one head pass per token
             logq = F.log_softmax(model.head(la_out[:, c: c + per_chunk]).float(), dim=-1)  # (B, cb, L, V)
         if loss == "ce":
-            target = tokens[:, rows + 1]  # (B, cb, L)
-            chunk_loss = F.nll_loss(logq.flatten(0, 2), target.flatten(), reduction="sum")
+            per = -logq.gather(-1, tokens[:, rows + 1, None])[..., 0]  # (B, cb, L)
         else:
-            chunk_loss = F.kl_div(logq, F.log_softmax(p, dim=-1), log_target=True, reduction="sum")
+            per = F.kl_div(logq, F.log_softmax(p, dim=-1), log_target=True, reduction="none").sum(-1)
+        chunk_loss = (per * weights).sum()
         if backward:
             (chunk_loss / (B * nb * L)).backward()
         total += chunk_loss.item()
@@ -290,8 +292,8 @@ def state_path(out: Path) -> Path:
 
 # Options that fix what a run computes (data order and learning-rate schedule included): --resume continues the
 # same run, so it refuses a state made with different ones.
-RUN_OPTIONS = ("lookahead", "data", "seq_len", "stride", "batch_size", "lr", "loss", "init", "val_sequences", "seed",
-               "steps")
+RUN_OPTIONS = ("lookahead", "data", "seq_len", "stride", "batch_size", "lr", "loss", "position_decay", "init",
+               "val_sequences", "seed", "steps")
 
 
 def save_state(path: Path, emb: Tensor, opt: torch.optim.Adam, step: int, elapsed: float, args, base: str) -> None:
@@ -329,13 +331,14 @@ def load_state(path: Path, emb: Tensor, opt: torch.optim.Adam, args, base: str) 
     return meta["step"], meta["elapsed_s"]
 
 
-def evaluate(model: Transformer, val: Tensor, emb: Tensor, layout: Layout, loss: str, batch_size: int):
+def evaluate(model: Transformer, val: Tensor, emb: Tensor, layout: Layout, loss: str, batch_size: int,
+             decay: float = 1.0):
     """Validation (loss, acceptance proxy per position (L,)) with the fixed layout."""
     total, hits, blocks = 0.0, 0, 0
     with torch.no_grad():
         for i in range(0, val.shape[0], batch_size):
             batch = val[i: i + batch_size].to(emb.device)
-            value, h, nb = lookahead_loss(model, batch, emb, layout, loss, backward=False)
+            value, h, nb = lookahead_loss(model, batch, emb, layout, loss, backward=False, decay=decay)
             total, hits, blocks = total + value * nb, hits + h, blocks + nb
     return total / blocks, hits.float() / blocks
 
@@ -382,6 +385,10 @@ def train(args) -> Tensor:
         save_lookahead(out, emb, model, base_model=ckpt_dir.name)
         save_state(state_path(out), emb, opt, step, elapsed + time.perf_counter() - t_run, args, base)
 
+    if start == 0:
+        val_loss, val_acc = evaluate(model, data.val, emb.detach(), val_layout, args.loss, args.batch_size,
+                                      args.position_decay)
+        print(f"step 0: val loss {val_loss:.4f}  acc {fmt_acc(val_acc)}", file=sys.stderr)
     t_run, ema = time.perf_counter(), None
     for step in range(start, args.steps):
         # Anchors shift by a per-step offset, so that over the run every token serves as an anchor.
@@ -390,7 +397,8 @@ def train(args) -> Tensor:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr)
         opt.zero_grad(set_to_none=True)
-        value, hits, blocks = lookahead_loss(model, data.train[rows].to(device), emb, layout, args.loss)
+        value, hits, blocks = lookahead_loss(model, data.train[rows].to(device), emb, layout, args.loss,
+                                             decay=args.position_decay)
         opt.step()
         ema = value if ema is None else 0.95 * ema + 0.05 * value
         per_step = (time.perf_counter() - t_run) / (step + 1 - start)
@@ -398,7 +406,8 @@ def train(args) -> Tensor:
               f"{per_step:.2f} s/step  eta {per_step * (args.steps - step - 1) / 60:.0f} min ",
               end="", file=sys.stderr, flush=True)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            val_loss, val_acc = evaluate(model, data.val, emb.detach(), val_layout, args.loss, args.batch_size)
+            val_loss, val_acc = evaluate(model, data.val, emb.detach(), val_layout, args.loss, args.batch_size,
+                                      args.position_decay)
             print(f"\nstep {step + 1}: val loss {val_loss:.4f}  acc {fmt_acc(val_acc)}", file=sys.stderr)
             checkpoint(step + 1)
     total = elapsed + time.perf_counter() - t_run
@@ -417,13 +426,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", action="append", default=None,
                         help="sharegpt, code, distill:FILE, or a .jsonl/.txt file; repeat to mix "
                              f"(default: {' '.join(DEFAULT_DATA)})")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default 256)")
-    parser.add_argument("--stride", type=int, default=4, help="a look-ahead block after every S-th token (default 4)")
-    parser.add_argument("--batch-size", type=int, default=2, help="sequences per step (default 2)")
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence (default 128)")
+    parser.add_argument("--stride", type=int, default=2, help="a look-ahead block after every S-th token (default 2)")
+    parser.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
     parser.add_argument("--lr", type=float, default=1e-2, help="peak Adam learning rate (default 1e-2)")
-    parser.add_argument("--loss", default="kl", choices=["ce", "kl"],
-                        help="ce: against the data's token; kl: against the model's own distribution (default)")
+    parser.add_argument("--loss", default="ce", choices=["ce", "kl"],
+                        help="ce: against the data's token (default); kl: against the model's own distribution")
+    parser.add_argument("--position-decay", type=float, default=1.0,
+                        help="weight position k's loss by DECAY^(k-1): < 1 favours the early drafts (default 1)")
     parser.add_argument("--init", default="mean", choices=["mean", "random"],
                         help="initial embeddings: the mean token embedding (default) or random")
     parser.add_argument("--val-sequences", type=int, default=16, help="held-out sequences for validation")

@@ -49,8 +49,10 @@ class TreeConfig:
     ngram_prior: float = 0.6  # per-token score of an n-gram candidate (look-ahead ones score their probability)
 
     def __post_init__(self):
-        if self.nodes < 0 or self.topk < 0 or self.blocks < 0 or self.ngram_chains < 0:
-            raise MinipassError("tree options (nodes, topk, blocks, ngram_chains) must be >= 0")
+        if self.nodes < 1:
+            raise MinipassError(f"a tree needs at least 1 candidate node, got nodes={self.nodes}")
+        if self.topk < 0 or self.blocks < 0 or self.ngram_chains < 0:
+            raise MinipassError("tree options topk, blocks and ngram_chains must be >= 0")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise MinipassError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
 

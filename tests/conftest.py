@@ -24,3 +24,15 @@ def default_model(default_ckpt):
 
     model, tok, _ = load_checkpoint(default_ckpt, "fp32", "cpu")
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def greedy_setup(default_model):
+    """(model, tokenizer, prompts, autoregressive greedy outputs of 24 tokens) for the token-identity tests."""
+    from minipass.decoding import ar_decode
+    from tests.util import CHAT, CODE
+
+    model, tok = default_model
+    prompts = [tok.encode(tok.chat_prompt(c)) for c in CHAT] + [tok.encode(c) for c in CODE]
+    ref = [ar_decode(model, [p], 24, stop_ids=tok.eos_ids).tokens[0] for p in prompts]
+    return model, tok, prompts, ref

@@ -10,24 +10,11 @@ from minipass.errors import MinipassError
 from minipass.lookahead import init_lookahead, load_lookahead, save_lookahead
 from minipass.sampling import sample
 from tests.stats import continuation_probs, counts_of, g_test
-from tests.util import tiny_model
+from tests.util import CHAT, CODE, N_SAMPLES, PROMPT, SETTINGS, tiny_model
 
 DECODERS = {"pass": pd.pass_decode, "pass1": pd.pass1_decode}
 
-CHAT = ["What is the capital of France?", "Write a haiku about autumn leaves.",
-        "Explain in two sentences why the sky is blue.", "List three uses of a paperclip."]
-CODE = ["def fibonacci(n):\n", "import numpy as np\n\ndef normalize(v):\n    \"\"\"Scale v to unit length.\"\"\"\n",
-        "class Stack:\n    def __init__(self):\n",
-        "def is_palindrome(s: str) -> bool:\n    \"\"\"Return True if s reads the same backwards.\"\"\"\n"]
-NEW_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def greedy_setup(default_model):
-    model, tok = default_model
-    prompts = [tok.encode(tok.chat_prompt(c)) for c in CHAT] + [tok.encode(c) for c in CODE]
-    ref = [ar_decode(model, [p], NEW_TOKENS, stop_ids=tok.eos_ids).tokens[0] for p in prompts]
-    return model, tok, prompts, ref
+NEW_TOKENS = 24  # what the greedy_setup fixture (conftest.py) generates per prompt
 
 
 def test_ar_batch_matches_rows_alone(greedy_setup):
@@ -53,10 +40,10 @@ def test_greedy_is_token_identical_to_ar(greedy_setup, mode, L):
     assert batched == ref
 
 
-def test_pass1_with_fewer_blocks_is_token_identical(greedy_setup):
+def test_pass1_with_a_block_after_every_acceptance_point_is_token_identical(greedy_setup):
     model, tok, prompts, ref = greedy_setup
     la = init_lookahead(model, 3)
-    out = pd.pass1_decode(model, prompts[:4], NEW_TOKENS, stop_ids=tok.eos_ids, lookahead=la, blocks=2).tokens
+    out = pd.pass1_decode(model, prompts[:4], NEW_TOKENS, stop_ids=tok.eos_ids, lookahead=la, blocks=None).tokens
     assert out == ref[:4]
 
 
@@ -78,9 +65,6 @@ def test_stats_are_consistent(greedy_setup):
 
 # --- sampling: distribution-identical to autoregressive sampling -------------------------------------------------
 
-SETTINGS = [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 0, 0.9)]
-N_SAMPLES = 20000
-PROMPT = [3, 1, 4, 1]
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,14 @@ import torch
 
 import minipass.tree_decoding as td
 from kernels.tree_acceptance import accept_tree_ref
-from minipass.decoding import SamplingParams, ar_decode
+from minipass.decoding import SamplingParams
 from minipass.errors import MinipassError
 from minipass.lookahead import init_lookahead
 from minipass.sampling import sample
 from tests.stats import continuation_probs, counts_of, g_test
-from tests.test_pass_decoding import CHAT, CODE, N_SAMPLES, PROMPT, SETTINGS
-from tests.util import tiny_model
+from tests.util import N_SAMPLES, PROMPT, SETTINGS, tiny_model
 
-NEW_TOKENS = 24
+NEW_TOKENS = 24  # what the greedy_setup fixture (conftest.py) generates per prompt
 
 
 def test_ngram_index_prefers_longest_then_latest_match():
@@ -61,14 +60,6 @@ def test_tree_batch_mask_is_ancestors_plus_blocks():
             seen = set(torch.nonzero(m[start]).flatten().tolist())
             assert seen == {j for j in range(len(toks)) if m[i, j]} | {start}
             assert int(batch.offsets[0, start]) == dep[i] + 1
-
-
-@pytest.fixture(scope="module")
-def greedy_setup(default_model):
-    model, tok = default_model
-    prompts = [tok.encode(tok.chat_prompt(c)) for c in CHAT] + [tok.encode(c) for c in CODE]
-    ref = [ar_decode(model, [p], NEW_TOKENS, stop_ids=tok.eos_ids).tokens[0] for p in prompts]
-    return model, tok, prompts, ref
 
 
 @pytest.mark.parametrize("variant", ["tree", "tree-lookahead-only", "ngram"])
@@ -146,5 +137,7 @@ def test_ngram_sampling_matches_autoregressive_distribution(tiny16, setting):
 def test_bad_tree_options():
     with pytest.raises(MinipassError, match="ngram_min <= ngram_max"):
         td.TreeConfig(ngram_min=3, ngram_max=2)
+    with pytest.raises(MinipassError, match="at least 1 candidate node"):
+        td.TreeConfig(nodes=0)
     with pytest.raises(MinipassError, match="must be >= 0"):
-        td.TreeConfig(nodes=-1)
+        td.TreeConfig(topk=-1)

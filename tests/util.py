@@ -6,8 +6,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from minipass.config import ModelArgs
+from minipass.config import TINY_CONFIGS, ModelArgs
 from minipass.model import Transformer
+
+# Prompts of the greedy token-identity tests on the default model: chat turns and code.
+CHAT = ["What is the capital of France?", "Write a haiku about autumn leaves.",
+        "Explain in two sentences why the sky is blue.", "List three uses of a paperclip."]
+CODE = ["def fibonacci(n):\n", "import numpy as np\n\ndef normalize(v):\n    \"\"\"Scale v to unit length.\"\"\"\n",
+        "class Stack:\n    def __init__(self):\n",
+        "def is_palindrome(s: str) -> bool:\n    \"\"\"Return True if s reads the same backwards.\"\"\"\n"]
+
+# Distribution tests: sampling settings (temperature, top-k, top-p), draws per test, and the prompt.
+SETTINGS = [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 0, 0.9)]
+N_SAMPLES = 20000
+PROMPT = [3, 1, 4, 1]
 
 
 def tiny_model(name: str = "tiny", seed: int = 0, dtype=torch.float32, embed_std: float = 1.0) -> Transformer:
@@ -46,4 +58,23 @@ def save_checkpoint(model: Transformer, path: Path, shards: int = 1) -> Path:
         save_file(part, str(path / fname), metadata={"format": "pt"})
         weight_map.update({n: fname for n in part})
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+def tiny_checkpoint(path, tokenizer=True):
+    """A tiny random model with a byte-level tokenizer (256 bytes + <|im_end|>), in the Hugging Face layout."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**dict(TINY_CONFIGS["tiny"], vocab_size=264))).eval().requires_grad_(False)
+    save_checkpoint(model, path)
+    if tokenizer:
+        vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tk.decoder = decoders.ByteLevel()
+        tk.add_special_tokens(["<|im_end|>"])
+        tk.save(str(path / "tokenizer.json"))
+        (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "add_bos_token": False}))
     return path
