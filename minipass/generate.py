@@ -68,13 +68,13 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
 def lookahead_for(model, args, L: int, quiet: bool = False):
     """The look-ahead embeddings (L, dim) of a PaSS mode: --lookahead-file, the shipped ones for the default model,
     or untrained (mean-embedding) ones."""
+    if L < 1:
+        raise MinipassError(f"--lookahead must be >= 1, got {L}")
     path = args.lookahead_file
     if path is None and args.ckpt is None and DEFAULT_LOOKAHEAD_FILE.is_file():
         path = DEFAULT_LOOKAHEAD_FILE
     if path is not None:
         return load_lookahead(path, model, L)
-    if L < 1:
-        raise MinipassError(f"--lookahead must be >= 1, got {L}")
     if not quiet:
         print(f"minipass: no --lookahead-file; using {L} untrained (mean-embedding) look-ahead tokens, "
               "which draft poorly", file=sys.stderr)
