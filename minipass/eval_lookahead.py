@@ -115,7 +115,7 @@ def main(argv=None) -> int:
             res = acceptance(model, prompts, la, args.max_new_tokens, sampling, modes, tok.eos_ids,
                              args.batch_size, args.seed)
             print(f"{dataset}: {len(prompts)} prompts x {args.max_new_tokens} new tokens, {setting}, "
-                  f"L={la.shape[0]} {source}")
+                  f"L={la.shape[-2]} {source}")
             print(f"{'mode':<6} {'E[j]':>6} {'tok/call':>8}   acceptance by position")
             for mode, stats in res.items():
                 print(format_row(mode, stats))

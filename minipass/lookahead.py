@@ -5,8 +5,15 @@ attends to the prefix and to the earlier look-ahead tokens of its own block, and
 k positions after the next one. Because look-ahead token k only attends to tokens 1..k of its block, embeddings
 trained for L_max serve every L <= L_max by truncation.
 
-File format: safetensors with one fp32 tensor "lookahead" (L, hidden_size) and metadata `lookahead` (L),
-`hidden_size`, `base_fingerprint` (see `fingerprint`) and `base_model` (a name, for messages).
+Per-layer variant (more, still tiny, parameters): besides the input embedding, each look-ahead token k has a learned
+vector added to the residual stream before every later layer (n_layers x L x dim in all; deep prompt tuning applied
+at the look-ahead positions only). The real tokens never see the look-ahead tokens, so their outputs are unchanged.
+In memory a look-ahead is one tensor: (L, dim) embeddings, or (n_layers, L, dim) where [0] are the embeddings and [l]
+the additions before layer l. Truncation to the first L tokens holds for both.
+
+File format: safetensors with an fp32 tensor "lookahead" (L, hidden_size), for the per-layer variant also
+"layer_additions" (n_layers - 1, L, hidden_size), and metadata `lookahead` (L), `hidden_size`, `base_fingerprint`
+(see `fingerprint`) and `base_model` (a name, for messages).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from minipass.errors import MinipassError
 from minipass.model import Transformer
 
 TENSOR = "lookahead"
+LAYERS = "layer_additions"
 
 
 def fingerprint(model: Transformer) -> str:
@@ -44,29 +52,60 @@ def fingerprint_from(args, embedding_sample: Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def init_lookahead(model: Transformer, L: int, how: str = "mean", seed: int = 0) -> Tensor:
-    """Untrained embeddings (L, dim), fp32: the mean token embedding (default), or small random vectors."""
+def init_lookahead(model: Transformer, L: int, how: str = "mean", seed: int = 0, per_layer: bool = False) -> Tensor:
+    """Untrained embeddings (L, dim), fp32: the mean token embedding (default), or small random vectors. per_layer:
+    (n_layers, L, dim) with zero layer additions (the same function as the embeddings alone)."""
     w = model.embed_tokens.weight.detach().float()
     if how == "mean":
-        return w.mean(0).expand(L, -1).clone()
-    if how == "random":
+        emb = w.mean(0).expand(L, -1).clone()
+    elif how == "random":
         g = torch.Generator().manual_seed(seed)
-        return (torch.randn(L, w.shape[1], generator=g) * w.std().item()).to(w.device)
-    raise MinipassError(f"unknown look-ahead init {how!r}; use 'mean' or 'random'")
+        emb = (torch.randn(L, w.shape[1], generator=g) * w.std().item()).to(w.device)
+    else:
+        raise MinipassError(f"unknown look-ahead init {how!r}; use 'mean' or 'random'")
+    if per_layer:
+        emb = torch.cat([emb[None], emb.new_zeros(model.args.n_layers - 1, L, w.shape[1])])
+    return emb
+
+
+def num_lookahead(model: Transformer, lookahead: Tensor) -> int:
+    """L of a look-ahead tensor, (L, dim) or (n_layers, L, dim), checked against the model."""
+    a = model.args
+    ok = lookahead.dim() == 2 or (lookahead.dim() == 3 and lookahead.shape[0] == a.n_layers)
+    if not ok or lookahead.shape[-2] < 1 or lookahead.shape[-1] != a.dim:
+        raise MinipassError(f"look-ahead tensor must be (L, {a.dim}) or ({a.n_layers}, L, {a.dim}) with L >= 1, "
+                            f"got shape {list(lookahead.shape)}")
+    return lookahead.shape[-2]
+
+
+def lookahead_inputs(lookahead: Tensor, n_blocks: int, n_real: int) -> tuple[Tensor, Optional[Tensor]]:
+    """What a call with n_real real tokens followed by n_blocks look-ahead blocks feeds the model for the blocks:
+    their input embeddings (n_blocks * L, dim) and the forward's layer_adds (n_layers - 1, 1, T, dim), zero at the
+    real tokens (None without per-layer additions)."""
+    if lookahead.dim() == 2:
+        return lookahead.repeat(n_blocks, 1), None
+    adds = lookahead[1:].repeat(1, n_blocks, 1)  # (n_layers - 1, n_blocks * L, dim)
+    adds = torch.cat([adds.new_zeros(adds.shape[0], n_real, adds.shape[2]), adds], dim=1)
+    return lookahead[0].repeat(n_blocks, 1), adds[:, None]
 
 
 def save_lookahead(path: Union[str, Path], emb: Tensor, model: Transformer, base_model: str = "") -> None:
-    """Write the embeddings atomically (a temp file renamed into place)."""
+    """Write the embeddings (L, dim) or (n_layers, L, dim) atomically (a temp file renamed into place)."""
     path = Path(path)
-    meta = {"lookahead": str(emb.shape[0]), "hidden_size": str(emb.shape[1]),
+    L = num_lookahead(model, emb)
+    meta = {"lookahead": str(L), "hidden_size": str(emb.shape[-1]),
             "base_fingerprint": fingerprint(model), "base_model": base_model}
+    emb = emb.detach().float().cpu()
+    tensors = {TENSOR: emb.contiguous()} if emb.dim() == 2 else {TENSOR: emb[0].contiguous(),
+                                                                 LAYERS: emb[1:].contiguous()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file({TENSOR: emb.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
+    save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
 
 
 def load_lookahead(path: Union[str, Path], model: Transformer, L: Optional[int] = None) -> Tensor:
-    """The first L embeddings (L, dim) of `path`, on the model's device and dtype, checked against the model."""
+    """The first L look-aheads of `path`, (L, dim) or with per-layer additions (n_layers, L, dim), on the model's
+    device and dtype, checked against the model."""
     path = Path(path)
     if not path.is_file():
         raise MinipassError(f"look-ahead file {path} does not exist")
@@ -76,12 +115,17 @@ def load_lookahead(path: Union[str, Path], model: Transformer, L: Optional[int] 
             if TENSOR not in f.keys():
                 raise MinipassError(f"{path} has no tensor {TENSOR!r}; it is not a look-ahead embeddings file")
             emb = f.get_tensor(TENSOR)
+            layers = f.get_tensor(LAYERS) if LAYERS in f.keys() else None
     except SafetensorError as e:
         raise MinipassError(f"{path} is not a valid safetensors file (truncated or corrupt?): {e}") from None
     dim = model.args.dim
     if emb.dim() != 2 or emb.shape[1] != dim:
         raise MinipassError(f"{path}: tensor {TENSOR!r} has shape {list(emb.shape)}, expected [L, {dim}] for this "
                             "model's hidden size")
+    n_layers = model.args.n_layers
+    if layers is not None and list(layers.shape) != [n_layers - 1, *emb.shape]:
+        raise MinipassError(f"{path}: tensor {LAYERS!r} has shape {list(layers.shape)}, expected "
+                            f"{[n_layers - 1, *emb.shape]} (one addition per later layer and look-ahead token)")
     want = fingerprint(model)
     if meta.get("base_fingerprint") != want:
         made_for = meta.get("base_model") or "another model"
@@ -90,5 +134,7 @@ def load_lookahead(path: Union[str, Path], model: Transformer, L: Optional[int] 
     L = emb.shape[0] if L is None else L
     if not 1 <= L <= emb.shape[0]:
         raise MinipassError(f"--lookahead must be between 1 and {emb.shape[0]} (the embeddings in {path}), got {L}")
+    if layers is not None:
+        emb = torch.cat([emb[None], layers])  # (n_layers, L_file, dim)
     weight = model.embed_tokens.weight
-    return emb[:L].to(device=weight.device, dtype=weight.dtype)
+    return emb[..., :L, :].to(device=weight.device, dtype=weight.dtype)

@@ -238,7 +238,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Optional[Tensor] = None, *, input_pos: Tensor, cache_seqlens: Tensor,
                 mask: Optional[Tensor] = None, embeds: Optional[Tensor] = None, kv_len: Optional[int] = None,
-                logits_index: Optional[Tensor] = None, return_hidden: bool = False) -> Tensor:
+                logits_index: Optional[Tensor] = None, return_hidden: bool = False,
+                layer_adds: Optional[Tensor] = None) -> Tensor:
         """Run T new tokens per row through the model and return their logits.
 
         tokens: (B, T) ids, or embeds: (B, T, dim) input embeddings (look-ahead tokens enter this way).
@@ -248,6 +249,8 @@ class Transformer(nn.Module):
         logits_index: (B, K) indices of the new tokens whose logits are wanted (default all T).
         Returns logits (B, K or T, vocab), or with return_hidden the final normalised hidden states (B, K or T, dim),
         which `head` turns into logits (decoders that need only some rows' logits use it).
+        layer_adds: (n_layers - 1, B or 1, T, dim), added to the residual stream before layers 1..n_layers-1 (per-layer
+        look-ahead parameters, see lookahead.py; zero at real tokens).
         """
         x = self.embed_tokens(tokens) if embeds is None else embeds
         B, T, _ = x.shape  # (B, T, dim)
@@ -258,7 +261,9 @@ class Transformer(nn.Module):
         full_mask = None
         if not self.use_triton:
             full_mask = attention_mask(cache_seqlens, mask, T, kv_len)  # built once, shared by every layer
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if layer_adds is not None and i > 0:
+                x = x + layer_adds[i - 1]
             x = layer(x, cos, sin, slots, cache_seqlens, mask, full_mask, kv_len)
         if logits_index is not None:
             x = x.gather(1, logits_index[:, :, None].expand(-1, -1, x.shape[-1]))

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from kernels.acceptance import accept, accept_ref
 from minipass.decoding import DecodeState, Output, SamplingParams
-from minipass.errors import MinipassError
+from minipass.lookahead import lookahead_inputs, num_lookahead
 from minipass.model import Transformer
 from minipass.sampling import ACCEPT, DRAFT, RESIDUAL, SAMPLE, sample, uniforms
 
@@ -32,13 +32,6 @@ def verify(model: Transformer, p: Tensor, drafts: Tensor, n_drafts: Tensor, u_ac
     """Accept/resample with the Triton kernel on CUDA, its torch reference elsewhere: (tokens (B, K+1), n_acc (B,))."""
     fn = accept if model.use_triton else accept_ref
     return fn(p, drafts, n_drafts, u_accept, u_sample, q=q)
-
-
-def check_lookahead(model: Transformer, lookahead: Tensor) -> int:
-    if lookahead.dim() != 2 or lookahead.shape[0] < 1 or lookahead.shape[1] != model.args.dim:
-        raise MinipassError(f"PaSS needs at least one look-ahead embedding of size {model.args.dim}; got a tensor "
-                            f"of shape {list(lookahead.shape)}")
-    return lookahead.shape[0]
 
 
 def draft_from(sampling: SamplingParams, logits: Tensor, seeds: Tensor, positions: Tensor):
@@ -54,18 +47,20 @@ def pass_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_to
                 sampling: SamplingParams = SamplingParams(), seeds: Optional[Sequence[int]] = None,
                 stop_ids: Sequence[int] = (), on_tokens: Optional[Callable] = None, *,
                 lookahead: Tensor) -> Output:
-    """The paper's two-call loop with L = lookahead.shape[0] look-ahead embeddings."""
-    L = check_lookahead(model, lookahead)
+    """The paper's two-call loop with L look-ahead tokens: lookahead is (L, dim), or (n_layers, L, dim) with
+    per-layer additions (lookahead.py)."""
+    L = num_lookahead(model, lookahead)
     st = DecodeState(model, prompts, max_new_tokens, sampling, seeds, stop_ids, slots_per_step=L + 1,
                      on_tokens=on_tokens, draft_positions=L)
     B, ar = st.B, torch.arange(L + 1, device=st.device)
-    la = lookahead[None].expand(B, -1, -1)  # (B, L, dim)
+    la, adds = lookahead_inputs(lookahead, 1, 1)  # (L, dim), per-layer additions or None
+    la = la[None].expand(B, -1, -1)  # (B, L, dim)
     full = torch.full((B,), L, device=st.device)
     while True:
         # 1. Drafting: x_t and the look-ahead tokens, causal. x_t's K/V stay in the cache.
         embeds = torch.cat([model.embed(st.pending[:, None]), la], dim=1)  # (B, L+1, dim)
         logits = model(embeds=embeds, input_pos=st.seqlens[:, None] + ar, cache_seqlens=st.seqlens,
-                       kv_len=st.host_max_len + L + 1)
+                       kv_len=st.host_max_len + L + 1, layer_adds=adds)
         y = sample(sampling.probs(logits[:, 0]), uniforms(st.seeds, st.seqlens + 1, SAMPLE))
         # d_k will sit at position seqlens + 1 + k (y takes seqlens + 1).
         drafts, q = draft_from(sampling, logits[:, 1:], st.seeds, st.seqlens[:, None] + 1 + ar[1:])
@@ -133,13 +128,14 @@ def pass1_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_t
     what measured fastest on a 2-core CPU: the call shrinks from 1 + L + (L+1)L tokens to 1 + 3L, and with the
     shipped embeddings accepting 2+ drafts is rare (README, "Results").
     """
-    L = check_lookahead(model, lookahead)
+    L = num_lookahead(model, lookahead)
     n_points = L + 1 if blocks is None else max(1, min(blocks, L + 1))
     layout = Pass1Layout(L, range(n_points), model.embed_tokens.weight.device)
     st = DecodeState(model, prompts, max_new_tokens, sampling, seeds, stop_ids, slots_per_step=layout.T,
                      on_tokens=on_tokens, draft_positions=L)
     B, dev = st.B, st.device
-    la_embeds = lookahead.repeat(n_points, 1)[None].expand(B, -1, -1)  # (B, n_points * L, dim)
+    la_embeds, adds = lookahead_inputs(lookahead, n_points, L + 1)  # (n_points * L, dim), per-layer additions
+    la_embeds = la_embeds[None].expand(B, -1, -1)
     ar = torch.arange(L + 1, device=dev)
     drafts = torch.zeros(B, L, dtype=torch.long, device=dev)
     n_drafts = torch.zeros(B, dtype=torch.long, device=dev)  # the first call has no drafts to verify
@@ -147,7 +143,8 @@ def pass1_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_t
     while True:
         embeds = torch.cat([model.embed(torch.cat([st.pending[:, None], drafts], 1)), la_embeds], 1)
         hidden = model(embeds=embeds, input_pos=st.seqlens[:, None] + layout.offsets, cache_seqlens=st.seqlens,
-                       mask=layout.mask, kv_len=st.host_max_len + layout.T, return_hidden=True)  # (B, T, dim)
+                       mask=layout.mask, kv_len=st.host_max_len + layout.T, return_hidden=True,
+                       layer_adds=adds)  # (B, T, dim)
         p = sampling.probs(model.head(hidden[:, : L + 1]))  # (B, L+1, V): targets at c_0..c_L
         out, n_acc = verify(model, p, drafts, n_drafts, uniforms(st.seeds, st.seqlens[:, None] + ar[1:], ACCEPT),
                             uniforms(st.seeds, st.seqlens + 1, RESIDUAL), q)

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from minipass.errors import MinipassError
 from minipass.generate import add_model_args
+from minipass.lookahead import lookahead_inputs
 from minipass.model import KVCache, Transformer
 
 DEFAULT_DATA = ("distill:data/distill-sharegpt.jsonl", "distill:data/distill-code.jsonl")  # the shipped recipe
@@ -218,16 +219,16 @@ def fresh_caches(model: Transformer, B: int, T: int) -> None:
 
 
 def lookahead_forward(model: Transformer, tokens: Tensor, emb: Tensor, layout: Layout) -> Tensor:
-    """Final hidden states (B, T, dim) of the sequences `tokens` (B, n) with the blocks of `layout` inserted."""
+    """Final hidden states (B, T, dim) of the sequences `tokens` (B, n) with the blocks of `layout` inserted; emb is
+    (L, dim) or, with per-layer additions, (n_layers, L, dim)."""
     B, n = tokens.shape
     nb = layout.anchors.shape[0]
-    weight = model.embed_tokens.weight
-    blocks = emb.to(weight.dtype).repeat(nb, 1)[None].expand(B, -1, -1)  # (B, nb*L, dim)
-    x = torch.cat([model.embed(tokens), blocks], dim=1)  # (B, T, dim)
+    blocks, adds = lookahead_inputs(emb.to(model.embed_tokens.weight.dtype), nb, n)  # (nb*L, dim), per-layer adds
+    x = torch.cat([model.embed(tokens), blocks[None].expand(B, -1, -1)], dim=1)  # (B, T, dim)
     fresh_caches(model, B, layout.T)
     zeros = torch.zeros(B, dtype=torch.long, device=tokens.device)
     return model(embeds=x, input_pos=layout.positions.expand(B, -1), cache_seqlens=zeros, mask=layout.mask,
-                 kv_len=layout.T, return_hidden=True)
+                 kv_len=layout.T, return_hidden=True, layer_adds=adds)
 
 
 def lookahead_loss(model: Transformer, tokens: Tensor, emb: Tensor, layout: Layout, loss: str = "ce",
@@ -293,7 +294,7 @@ def state_path(out: Path) -> Path:
 # Options that fix what a run computes (data order and learning-rate schedule included): --resume continues the
 # same run, so it refuses a state made with different ones.
 RUN_OPTIONS = ("lookahead", "data", "seq_len", "stride", "batch_size", "lr", "loss", "position_decay", "init",
-               "val_sequences", "seed", "steps")
+               "per_layer", "val_sequences", "seed", "steps")
 
 
 def save_state(path: Path, emb: Tensor, opt: torch.optim.Adam, step: int, elapsed: float, args, base: str) -> None:
@@ -321,8 +322,9 @@ def load_state(path: Path, emb: Tensor, opt: torch.optim.Adam, args, base: str) 
     if meta["base_fingerprint"] != base:
         raise MinipassError(f"--resume: {path} was made for another base checkpoint")
     for k in RUN_OPTIONS:
-        if meta["options"][k] != getattr(args, k):
-            raise MinipassError(f"--resume: {path} was made with --{k.replace('_', '-')} {meta['options'][k]}, "
+        made = meta["options"].get(k, False)  # states from before an option existed ran without it
+        if made != getattr(args, k):
+            raise MinipassError(f"--resume: {path} was made with --{k.replace('_', '-')} {made}, "
                                 f"not {getattr(args, k)}")
     with torch.no_grad():
         emb.copy_(tensors["lookahead"])
@@ -348,7 +350,7 @@ def fmt_acc(acc) -> str:
 
 
 def train(args) -> Tensor:
-    """Run the training the options describe; returns the trained embeddings (L, dim) in fp32."""
+    """Run the training the options describe; returns the trained look-ahead, (L, dim) or (n_layers, L, dim), fp32."""
     from minipass.loading import load_checkpoint
     from minipass.lookahead import fingerprint, init_lookahead, save_lookahead
 
@@ -371,7 +373,8 @@ def train(args) -> Tensor:
 
     data = load_data(args.data, tok, n, args.steps * args.batch_size, args.val_sequences, args.seed)
     print(f"data: {data.summary}; {data.val.shape[0]} validation sequences of {n} tokens", file=sys.stderr)
-    emb = torch.nn.Parameter(init_lookahead(model, L, args.init, args.seed).float().to(device))  # (L, dim)
+    emb = init_lookahead(model, L, args.init, args.seed, per_layer=args.per_layer)  # (L, dim) or (n_layers, L, dim)
+    emb = torch.nn.Parameter(emb.float().to(device))
     opt = torch.optim.Adam([emb], lr=args.lr)
     start, elapsed = 0, 0.0
     out = Path(args.out)
@@ -437,6 +440,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="weight position k's loss by DECAY^(k-1): < 1 favours the early drafts (default 1)")
     parser.add_argument("--init", default="mean", choices=["mean", "random"],
                         help="initial embeddings: the mean token embedding (default) or random")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="also learn, per look-ahead token, an addition to the residual stream before every later "
+                             "layer (n_layers x L x dim parameters instead of L x dim)")
     parser.add_argument("--val-sequences", type=int, default=16, help="held-out sequences for validation")
     parser.add_argument("--eval-every", type=int, default=100, help="validate and checkpoint every N steps")
     parser.add_argument("--seed", type=int, default=0)

@@ -33,6 +33,7 @@ from torch import Tensor
 from kernels.tree_acceptance import accept_tree, accept_tree_ref
 from minipass.decoding import DecodeState, Output, SamplingParams
 from minipass.errors import MinipassError
+from minipass.lookahead import lookahead_inputs, num_lookahead
 from minipass.model import Transformer
 from minipass.sampling import ACCEPT, RESIDUAL, uniforms
 
@@ -166,7 +167,7 @@ def tree_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_to
                 stop_ids: Sequence[int] = (), on_tokens: Optional[Callable] = None, *,
                 lookahead: Optional[Tensor] = None, tree: TreeConfig = TreeConfig()) -> Output:
     """Token-tree decoding. lookahead None (or tree.blocks == 0) drafts from context n-grams only."""
-    L = 0 if lookahead is None or tree.blocks == 0 else lookahead.shape[0]
+    L = 0 if lookahead is None or tree.blocks == 0 else num_lookahead(model, lookahead)
     M = tree.blocks if L else 0
     N = tree.nodes
     T = 1 + N + M * L
@@ -175,7 +176,7 @@ def tree_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_to
     attempted, accepted = [0] * N, [0] * N  # per depth, counted on the host where the trees live
     B, dev = st.B, st.device
     contexts = [NgramIndex(p, tree.ngram_min, tree.ngram_max) for p in prompts]
-    la_embeds = lookahead.repeat(M, 1)[None].expand(B, -1, -1) if M else None
+    la_embeds, adds = lookahead_inputs(lookahead, M, N + 1) if M else (None, None)  # (M * L, dim), additions
     la_top = [None] * B  # per row: (tokens (L, k), probs (L, k)) from the last call's block, if it had one
     node_ids = torch.arange(N + 1, device=dev)
     verify = partial(accept_tree, check_values=False) if model.use_triton else accept_tree_ref
@@ -190,9 +191,9 @@ def tree_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_to
 
         embeds = model.embed(batch.tokens)  # (B, T, dim)
         if M:
-            embeds = torch.cat([embeds[:, : N + 1], la_embeds], dim=1)
+            embeds = torch.cat([embeds[:, : N + 1], la_embeds[None].expand(B, -1, -1)], dim=1)
         hidden = model(embeds=embeds, input_pos=st.seqlens[:, None] + batch.offsets, cache_seqlens=st.seqlens,
-                       mask=batch.mask, kv_len=st.host_max_len + T, return_hidden=True)
+                       mask=batch.mask, kv_len=st.host_max_len + T, return_hidden=True, layer_adds=adds)
         p = sampling.probs(model.head(hidden[:, : N + 1]))  # (B, N+1, V): the target after every node
         # Uniforms keyed by the call (seqlens + 1 is new every call) and the node.
         call_key = (st.seqlens + 1) * (N + 1)

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import minipass.pass_decoding as pd
 from kernels.acceptance import accept_ref
@@ -10,7 +12,7 @@ from minipass.errors import MinipassError
 from minipass.lookahead import init_lookahead, load_lookahead, save_lookahead
 from minipass.sampling import sample
 from tests.stats import continuation_probs, counts_of, g_test
-from tests.util import CHAT, CODE, N_SAMPLES, PROMPT, SETTINGS, tiny_model
+from tests.util import CHAT, CODE, N_SAMPLES, PROMPT, SETTINGS, per_layer_lookahead, tiny_model
 
 DECODERS = {"pass": pd.pass_decode, "pass1": pd.pass1_decode}
 
@@ -37,6 +39,17 @@ def test_greedy_is_token_identical_to_ar(greedy_setup, mode, L):
     batched = []
     for batch in (prompts[:4], prompts[4:]):
         batched += decode(model, batch, NEW_TOKENS, stop_ids=tok.eos_ids, lookahead=la).tokens
+    assert batched == ref
+
+
+@pytest.mark.parametrize("mode", ["pass", "pass1"])
+def test_greedy_with_per_layer_additions_is_token_identical_to_ar(greedy_setup, mode):
+    model, tok, prompts, ref = greedy_setup
+    la = per_layer_lookahead(model, 3)
+    assert la.shape == (model.args.n_layers, 3, model.args.dim)
+    batched = []
+    for batch in (prompts[:4], prompts[4:]):
+        batched += DECODERS[mode](model, batch, NEW_TOKENS, stop_ids=tok.eos_ids, lookahead=la).tokens
     assert batched == ref
 
 
@@ -101,6 +114,16 @@ def residual_from_target(model, p, drafts, n_drafts, u_accept, u_sample, q):
 
 
 @pytest.mark.parametrize("mode", ["pass", "pass1"])
+def test_sampling_with_per_layer_additions_matches_autoregressive_distribution(tiny16, mode):
+    setting = SETTINGS[1]
+    exact = continuation_probs(tiny16, PROMPT, 3, *setting)
+    counts, stats = draw(DECODERS[mode], tiny16, per_layer_lookahead(tiny16, 3), setting)
+    p_value, impossible = g_test(counts, exact)
+    assert impossible == 0 and p_value > 1e-3, f"G-test p = {p_value}"
+    assert stats.accepted[0] > 0 and stats.attempted[0] > stats.accepted[0]
+
+
+@pytest.mark.parametrize("mode", ["pass", "pass1"])
 def test_distribution_test_rejects_planted_bug(tiny16, mode, monkeypatch):
     setting = SETTINGS[0]
     la = init_lookahead(tiny16, 3, "random", seed=1)
@@ -139,6 +162,28 @@ def test_lookahead_file_round_trip_and_truncation(tmp_path, tiny16):
     save_lookahead(f, la, tiny16, "tiny-v16")
     torch.testing.assert_close(load_lookahead(f, tiny16), la)
     torch.testing.assert_close(load_lookahead(f, tiny16, 2), la[:2])
+
+
+def test_per_layer_file_round_trip_and_truncation(tmp_path, tiny16):
+    la = per_layer_lookahead(tiny16, 4)
+    f = tmp_path / "la.safetensors"
+    save_lookahead(f, la, tiny16, "tiny-v16")
+    torch.testing.assert_close(load_lookahead(f, tiny16), la)
+    torch.testing.assert_close(load_lookahead(f, tiny16, 2), la[:, :2])
+
+
+def test_per_layer_file_with_wrong_layer_count(tmp_path, tiny16):
+    f = tmp_path / "la.safetensors"
+    la = per_layer_lookahead(tiny16, 2)
+    save_lookahead(f, la, tiny16)
+    with safe_open(str(f), framework="pt") as h:
+        meta, tensors = h.metadata(), {k: h.get_tensor(k) for k in h.keys()}
+    tensors["layer_additions"] = tensors["layer_additions"][:-1]  # one layer short
+    save_file(tensors, str(f), metadata=meta)
+    n = tiny16.args.n_layers
+    with pytest.raises(MinipassError, match=rf"'layer_additions' has shape \[{n - 2}, 2, 32\], expected "
+                                            rf"\[{n - 1}, 2, 32\]"):
+        load_lookahead(f, tiny16)
 
 
 @pytest.mark.parametrize("L", [0, 5])
@@ -185,6 +230,9 @@ def test_prompt_longer_than_context(tiny16, mode):
 
 
 @pytest.mark.parametrize("mode", ["pass", "pass1"])
-def test_empty_lookahead_is_refused(tiny16, mode):
-    with pytest.raises(MinipassError, match="at least one look-ahead"):
+def test_empty_or_misshaped_lookahead_is_refused(tiny16, mode):
+    with pytest.raises(MinipassError, match=r"with L >= 1, got shape \[0, 32\]"):
         DECODERS[mode](tiny16, [[1, 2]], 4, lookahead=torch.zeros(0, 32))
+    n = tiny16.args.n_layers
+    with pytest.raises(MinipassError, match=rf"must be \(L, 32\) or \({n}, L, 32\).*got shape \[{n + 1}, 2, 32\]"):
+        DECODERS[mode](tiny16, [[1, 2]], 4, lookahead=torch.zeros(n + 1, 2, 32))

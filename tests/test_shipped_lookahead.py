@@ -20,9 +20,9 @@ def test_shipped_file_is_the_default_and_truncates(default_model):
     model, _ = default_model
     assert DEFAULT_LOOKAHEAD_FILE.is_file()
     full = load_lookahead(DEFAULT_LOOKAHEAD_FILE, model)
-    assert full.shape == (8, model.args.dim)
+    assert full.shape == (model.args.n_layers, 8, model.args.dim)  # embeddings and per-layer additions
     args = argparse.Namespace(lookahead_file=None, ckpt=None)
-    assert torch.equal(lookahead_for(model, args, 3), full[:3])
+    assert torch.equal(lookahead_for(model, args, 3), full[:, :3])
     with pytest.raises(MinipassError, match="9"):
         lookahead_for(model, args, 9)
 

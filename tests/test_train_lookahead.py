@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import minipass.train_lookahead as tl
 from minipass.loading import load_checkpoint
-from minipass.lookahead import init_lookahead, load_lookahead
-from tests.util import tiny_checkpoint, tiny_model
+from minipass.lookahead import init_lookahead, load_lookahead, lookahead_inputs
+from tests.util import per_layer_lookahead, tiny_checkpoint, tiny_model
 
 ZERO = torch.zeros(1, dtype=torch.long)
 
@@ -26,15 +26,16 @@ def plain_hidden(model, tokens):
 def drafting_call(model, tokens, a, emb):
     """Hidden states of LA_1..LA_L after anchor a, as pass_decode drafts them: x_0..x_{a-1} prefilled into the
     cache, then [x_a, LA_1..LA_L] at positions a..a+L. tokens: (B, n); returns (B, L, dim)."""
-    B, L = tokens.shape[0], emb.shape[0]
+    B, L = tokens.shape[0], emb.shape[-2]
     model.setup_caches(B, a + 1 + L)
     if emb.requires_grad:  # autograd needs per-layer buffers (see fresh_caches)
         tl.fresh_caches(model, B, a + 1 + L)
     if a > 0:
         model(tokens[:, :a], input_pos=torch.arange(a).expand(B, -1), cache_seqlens=ZERO.expand(B))
-    x = torch.cat([model.embed(tokens[:, a: a + 1]), emb[None].expand(B, -1, -1)], 1)
+    block, adds = lookahead_inputs(emb, 1, 1)
+    x = torch.cat([model.embed(tokens[:, a: a + 1]), block[None].expand(B, -1, -1)], 1)
     h = model(embeds=x, input_pos=torch.arange(a, a + 1 + L).expand(B, -1), cache_seqlens=torch.full((B,), a),
-              return_hidden=True)
+              return_hidden=True, layer_adds=adds)
     return h[:, 1:]
 
 
@@ -50,19 +51,25 @@ def tiny():
 
 # --- the mask ----------------------------------------------------------------------------------------------------
 
+def random_lookahead(model, L, per_layer):
+    return per_layer_lookahead(model, L) if per_layer else init_lookahead(model, L, "random")
+
+
+@pytest.mark.parametrize("per_layer", [False, True], ids=["embeddings", "per-layer"])
 @pytest.mark.parametrize("n,L,stride,offset", [(40, 3, 2, 1), (33, 5, 1, 0), (24, 1, 4, 3), (19, 8, 3, 2)])
-def test_real_tokens_are_unchanged_by_the_blocks(tiny, n, L, stride, offset):
+def test_real_tokens_are_unchanged_by_the_blocks(tiny, n, L, stride, offset, per_layer):
     tokens = torch.randint(0, tiny.args.vocab_size, (2, n), generator=torch.Generator().manual_seed(n))
     layout = tl.make_layout(n, L, stride, offset)
     assert layout.anchors.numel() > 0
-    hidden = tl.lookahead_forward(tiny, tokens, init_lookahead(tiny, L, "random"), layout)
+    hidden = tl.lookahead_forward(tiny, tokens, random_lookahead(tiny, L, per_layer), layout)
     torch.testing.assert_close(tiny.head(hidden[:, :n]), tiny.head(plain_hidden(tiny, tokens)))
 
 
+@pytest.mark.parametrize("per_layer", [False, True], ids=["embeddings", "per-layer"])
 @pytest.mark.parametrize("n,L,stride,offset", [(40, 3, 2, 1), (33, 5, 1, 0), (19, 8, 3, 2)])
-def test_blocks_match_the_drafting_call(tiny, n, L, stride, offset):
+def test_blocks_match_the_drafting_call(tiny, n, L, stride, offset, per_layer):
     tokens = torch.randint(0, tiny.args.vocab_size, (2, n), generator=torch.Generator().manual_seed(n))
-    emb = init_lookahead(tiny, L, "random")
+    emb = random_lookahead(tiny, L, per_layer)
     layout = tl.make_layout(n, L, stride, offset)
     hidden = tl.lookahead_forward(tiny, tokens, emb, layout)
     assert int(layout.anchors[-1]) + 1 + L <= n - 1 < int(layout.anchors[-1]) + stride + 1 + L  # last fitting
@@ -87,16 +94,17 @@ def test_blocks_match_the_drafting_call_on_the_default_model(default_model):
                                    model.head(drafting_call(model, tokens, a, emb)), atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("per_layer", [False, True], ids=["embeddings", "per-layer"])
 @pytest.mark.parametrize("L_max,L", [(6, 1), (6, 3), (8, 5)])
-def test_truncated_embeddings_give_the_same_drafts(tiny, L_max, L):
+def test_truncated_embeddings_give_the_same_drafts(tiny, L_max, L, per_layer):
     """Look-ahead token k sees tokens 1..k of its block only, so the first L of L_max embeddings draft positions
     1..L exactly as the full block does."""
     n = 30
     tokens = torch.randint(0, tiny.args.vocab_size, (2, n), generator=torch.Generator().manual_seed(L))
-    emb = init_lookahead(tiny, L_max, "random")
+    emb = random_lookahead(tiny, L_max, per_layer)
     full, short = tl.make_layout(n, L_max, 2, 1), tl.make_layout(n, L, 2, 1)
     h_full = tl.lookahead_forward(tiny, tokens, emb, full)
-    h_short = tl.lookahead_forward(tiny, tokens, emb[:L], short)
+    h_short = tl.lookahead_forward(tiny, tokens, emb[..., :L, :], short)
     for b in range(len(full.anchors)):  # the short layout has these anchors and more
         assert full.anchors[b] == short.anchors[b]
         torch.testing.assert_close(tiny.head(block_hidden(h_short, short, b)),
@@ -120,14 +128,15 @@ def reference_loss(model, tokens, emb, layout, loss):
     return torch.stack(terms).mean()
 
 
+@pytest.mark.parametrize("per_layer", [False, True], ids=["embeddings", "per-layer"])
 @pytest.mark.parametrize("loss", ["ce", "kl"])
 @pytest.mark.parametrize("chunk_rows", [1024, 7])
-def test_loss_and_gradient_match_a_per_anchor_reference(tiny, loss, chunk_rows, monkeypatch):
+def test_loss_and_gradient_match_a_per_anchor_reference(tiny, loss, chunk_rows, per_layer, monkeypatch):
     monkeypatch.setattr(tl, "LOSS_CHUNK_ROWS", chunk_rows)
     n, L = 36, 4
     tokens = torch.randint(0, tiny.args.vocab_size, (2, n), generator=torch.Generator().manual_seed(7))
     layout = tl.make_layout(n, L, 3, 2)
-    emb = torch.nn.Parameter(init_lookahead(tiny, L, "random"))
+    emb = torch.nn.Parameter(random_lookahead(tiny, L, per_layer))
     value, hits, blocks = tl.lookahead_loss(tiny, tokens, emb, layout, loss)
     assert blocks == 2 * len(layout.anchors) and hits.shape == (L,)
 
@@ -203,6 +212,17 @@ def test_resume_continues_the_same_run(cli_setup, monkeypatch, capsys):
     assert not torch.equal(whole, init_lookahead(model, 3))  # training did something
     model = load_checkpoint(ckpt, "fp32", "cpu")[0]
     assert torch.equal(load_lookahead(out, model), whole)
+
+
+def test_per_layer_training_writes_layer_additions(cli_setup):
+    root, ckpt, text, _ = cli_setup
+    out = root / "per-layer.safetensors"
+    trained = tl.train(tl.parse_args(cli(ckpt, out, "--data", str(text), "--per-layer")))
+    model = load_checkpoint(ckpt, "fp32", "cpu")[0]
+    assert trained.shape == (model.args.n_layers, 3, model.args.dim)
+    assert trained[1:].abs().sum() > 0  # the additions (initialised to zero) trained
+    assert torch.equal(load_lookahead(out, model), trained)
+    assert torch.equal(load_lookahead(out, model, 2), trained[:, :2])
 
 
 def test_resume_refuses_other_options(cli_setup, capsys):

@@ -10,7 +10,7 @@ from minipass.errors import MinipassError
 from minipass.lookahead import init_lookahead
 from minipass.sampling import sample
 from tests.stats import continuation_probs, counts_of, g_test
-from tests.util import N_SAMPLES, PROMPT, SETTINGS, tiny_model
+from tests.util import N_SAMPLES, PROMPT, SETTINGS, per_layer_lookahead, tiny_model
 
 NEW_TOKENS = 24  # what the greedy_setup fixture (conftest.py) generates per prompt
 
@@ -81,13 +81,22 @@ def test_greedy_is_token_identical_to_ar(greedy_setup, variant):
     assert batched == ref
 
 
+def test_greedy_with_per_layer_additions_is_token_identical_to_ar(greedy_setup):
+    model, tok, prompts, ref = greedy_setup
+    la = per_layer_lookahead(model, 3)
+    batched = []
+    for batch in (prompts[:4], prompts[4:]):
+        batched += td.tree_decode(model, batch, NEW_TOKENS, stop_ids=tok.eos_ids, lookahead=la).tokens
+    assert batched == ref
+
+
 @pytest.fixture(scope="module")
 def tiny16():
     return tiny_model("tiny-v16", seed=5, embed_std=0.25)
 
 
-def draw_tree(model, setting, cfg):
-    la = init_lookahead(model, 3, "random", seed=1)
+def draw_tree(model, setting, cfg, la=None):
+    la = init_lookahead(model, 3, "random", seed=1) if la is None else la
     out = td.tree_decode(model, [PROMPT] * N_SAMPLES, 3, SamplingParams(*setting), seeds=range(N_SAMPLES),
                          lookahead=la, tree=cfg)
     assert all(len(t) == 3 for t in out.tokens)
@@ -105,6 +114,15 @@ def test_tree_sampling_matches_autoregressive_distribution(tiny16, setting):
     p_value, impossible = g_test(counts, exact)
     assert impossible == 0
     assert p_value > 1e-3, f"G-test p = {p_value}"
+    assert 0 < stats.accepted[0] < stats.attempted[0]
+
+
+def test_tree_sampling_with_per_layer_additions_matches_autoregressive_distribution(tiny16):
+    setting = SETTINGS[1]
+    exact = continuation_probs(tiny16, PROMPT, 3, *setting)
+    counts, stats = draw_tree(tiny16, setting, TREE, per_layer_lookahead(tiny16, 3))
+    p_value, impossible = g_test(counts, exact)
+    assert impossible == 0 and p_value > 1e-3, f"G-test p = {p_value}"
     assert 0 < stats.accepted[0] < stats.attempted[0]
 
 

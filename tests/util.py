@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from safetensors.torch import save_file
 
 from minipass.config import TINY_CONFIGS, ModelArgs
@@ -33,6 +34,16 @@ def tiny_model(name: str = "tiny", seed: int = 0, dtype=torch.float32, embed_std
         if hasattr(mod, "eps"):
             mod.weight.data.uniform_(0.5, 1.5)
     return model.to(dtype).eval().requires_grad_(False)
+
+
+def per_layer_lookahead(model: Transformer, L: int, seed: int = 1) -> Tensor:
+    """Random look-ahead embeddings with random (non-zero) per-layer additions: (n_layers, L, dim)."""
+    from minipass.lookahead import init_lookahead
+
+    la = init_lookahead(model, L, "random", seed, per_layer=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    la[1:] = torch.randn(la[1:].shape, generator=g) * model.embed_tokens.weight.std().item()
+    return la.to(model.embed_tokens.weight.dtype)
 
 
 def hf_state_dict(model: Transformer) -> dict:
