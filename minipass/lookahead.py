@@ -78,15 +78,17 @@ def num_lookahead(model: Transformer, lookahead: Tensor) -> int:
     return lookahead.shape[-2]
 
 
-def lookahead_inputs(lookahead: Tensor, n_blocks: int, n_real: int) -> tuple[Tensor, Optional[Tensor]]:
-    """What a call with n_real real tokens followed by n_blocks look-ahead blocks feeds the model for the blocks:
-    their input embeddings (n_blocks * L, dim) and the forward's layer_adds (n_layers - 1, 1, T, dim), zero at the
-    real tokens (None without per-layer additions)."""
+def lookahead_inputs(lookahead: Tensor, n_blocks: int, n_real: int, B: int) -> tuple[Tensor, Optional[Tensor]]:
+    """What a call of B rows, each n_real real tokens followed by n_blocks look-ahead blocks, feeds the model for the
+    blocks: their input embeddings (B, n_blocks * L, dim) and the forward's layer_adds (n_layers - 1, 1, T, dim), zero
+    at the real tokens (None without per-layer additions)."""
+    emb = lookahead if lookahead.dim() == 2 else lookahead[0]
+    embeds = emb.repeat(n_blocks, 1)[None].expand(B, -1, -1)
     if lookahead.dim() == 2:
-        return lookahead.repeat(n_blocks, 1), None
+        return embeds, None
     adds = lookahead[1:].repeat(1, n_blocks, 1)  # (n_layers - 1, n_blocks * L, dim)
     adds = torch.cat([adds.new_zeros(adds.shape[0], n_real, adds.shape[2]), adds], dim=1)
-    return lookahead[0].repeat(n_blocks, 1), adds[:, None]
+    return embeds, adds[:, None]
 
 
 def save_lookahead(path: Union[str, Path], emb: Tensor, model: Transformer, base_model: str = "") -> None:

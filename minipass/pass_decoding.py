@@ -53,8 +53,7 @@ def pass_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_to
     st = DecodeState(model, prompts, max_new_tokens, sampling, seeds, stop_ids, slots_per_step=L + 1,
                      on_tokens=on_tokens, draft_positions=L)
     B, ar = st.B, torch.arange(L + 1, device=st.device)
-    la, adds = lookahead_inputs(lookahead, 1, 1)  # (L, dim), per-layer additions or None
-    la = la[None].expand(B, -1, -1)  # (B, L, dim)
+    la, adds = lookahead_inputs(lookahead, 1, 1, B)  # (B, L, dim), per-layer additions or None
     full = torch.full((B,), L, device=st.device)
     while True:
         # 1. Drafting: x_t and the look-ahead tokens, causal. x_t's K/V stay in the cache.
@@ -134,8 +133,7 @@ def pass1_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_t
     st = DecodeState(model, prompts, max_new_tokens, sampling, seeds, stop_ids, slots_per_step=layout.T,
                      on_tokens=on_tokens, draft_positions=L)
     B, dev = st.B, st.device
-    la_embeds, adds = lookahead_inputs(lookahead, n_points, L + 1)  # (n_points * L, dim), per-layer additions
-    la_embeds = la_embeds[None].expand(B, -1, -1)
+    la_embeds, adds = lookahead_inputs(lookahead, n_points, L + 1, B)  # (B, n_points * L, dim), additions
     ar = torch.arange(L + 1, device=dev)
     drafts = torch.zeros(B, L, dtype=torch.long, device=dev)
     n_drafts = torch.zeros(B, dtype=torch.long, device=dev)  # the first call has no drafts to verify

@@ -223,8 +223,8 @@ def lookahead_forward(model: Transformer, tokens: Tensor, emb: Tensor, layout: L
     (L, dim) or, with per-layer additions, (n_layers, L, dim)."""
     B, n = tokens.shape
     nb = layout.anchors.shape[0]
-    blocks, adds = lookahead_inputs(emb.to(model.embed_tokens.weight.dtype), nb, n)  # (nb*L, dim), per-layer adds
-    x = torch.cat([model.embed(tokens), blocks[None].expand(B, -1, -1)], dim=1)  # (B, T, dim)
+    blocks, adds = lookahead_inputs(emb.to(model.embed_tokens.weight.dtype), nb, n, B)  # (B, nb*L, dim), adds
+    x = torch.cat([model.embed(tokens), blocks], dim=1)  # (B, T, dim)
     fresh_caches(model, B, layout.T)
     zeros = torch.zeros(B, dtype=torch.long, device=tokens.device)
     return model(embeds=x, input_pos=layout.positions.expand(B, -1), cache_seqlens=zeros, mask=layout.mask,

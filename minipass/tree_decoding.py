@@ -176,7 +176,7 @@ def tree_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_to
     attempted, accepted = [0] * N, [0] * N  # per depth, counted on the host where the trees live
     B, dev = st.B, st.device
     contexts = [NgramIndex(p, tree.ngram_min, tree.ngram_max) for p in prompts]
-    la_embeds, adds = lookahead_inputs(lookahead, M, N + 1) if M else (None, None)  # (M * L, dim), additions
+    la_embeds, adds = lookahead_inputs(lookahead, M, N + 1, B) if M else (None, None)  # (B, M * L, dim), additions
     la_top = [None] * B  # per row: (tokens (L, k), probs (L, k)) from the last call's block, if it had one
     node_ids = torch.arange(N + 1, device=dev)
     verify = partial(accept_tree, check_values=False) if model.use_triton else accept_tree_ref
@@ -191,7 +191,7 @@ def tree_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_to
 
         embeds = model.embed(batch.tokens)  # (B, T, dim)
         if M:
-            embeds = torch.cat([embeds[:, : N + 1], la_embeds[None].expand(B, -1, -1)], dim=1)
+            embeds = torch.cat([embeds[:, : N + 1], la_embeds], dim=1)
         hidden = model(embeds=embeds, input_pos=st.seqlens[:, None] + batch.offsets, cache_seqlens=st.seqlens,
                        mask=batch.mask, kv_len=st.host_max_len + T, return_hidden=True, layer_adds=adds)
         p = sampling.probs(model.head(hidden[:, : N + 1]))  # (B, N+1, V): the target after every node

@@ -12,7 +12,7 @@ from minipass.errors import MinipassError
 from minipass.lookahead import init_lookahead, load_lookahead, save_lookahead
 from minipass.sampling import sample
 from tests.stats import continuation_probs, counts_of, g_test
-from tests.util import CHAT, CODE, N_SAMPLES, PROMPT, SETTINGS, per_layer_lookahead, tiny_model
+from tests.util import CHAT, CODE, N_SAMPLES, PROMPT, SETTINGS, drafting_call, per_layer_lookahead, tiny_model
 
 DECODERS = {"pass": pd.pass_decode, "pass1": pd.pass1_decode}
 
@@ -121,6 +121,26 @@ def test_sampling_with_per_layer_additions_matches_autoregressive_distribution(t
     p_value, impossible = g_test(counts, exact)
     assert impossible == 0 and p_value > 1e-3, f"G-test p = {p_value}"
     assert stats.accepted[0] > 0 and stats.attempted[0] > stats.accepted[0]
+
+
+@pytest.mark.parametrize("mode", ["pass", "pass1"])
+def test_drafts_come_from_the_per_layer_additions(tiny16, mode, monkeypatch):
+    """Exactness holds whatever the drafts, so this checks the decoders really apply the additions: the first
+    drafting logits equal a hand-built drafting call with them, and differ from the embeddings alone."""
+    la = per_layer_lookahead(tiny16, 3)
+    prompt = torch.tensor([PROMPT])
+    want = tiny16.head(drafting_call(tiny16, prompt, len(PROMPT) - 1, la))  # (1, L, V)
+    without = tiny16.head(drafting_call(tiny16, prompt, len(PROMPT) - 1, la[0]))
+    assert (want - without).abs().max() > 1e-2
+    seen, real = [], pd.draft_from
+
+    def spy(sampling, logits, *rest):
+        seen.append(logits.clone())
+        return real(sampling, logits, *rest)
+
+    monkeypatch.setattr(pd, "draft_from", spy)
+    DECODERS[mode](tiny16, [PROMPT], 4, lookahead=la)
+    torch.testing.assert_close(seen[0], want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["pass", "pass1"])

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import minipass.train_lookahead as tl
 from minipass.loading import load_checkpoint
-from minipass.lookahead import init_lookahead, load_lookahead, lookahead_inputs
-from tests.util import per_layer_lookahead, tiny_checkpoint, tiny_model
+from minipass.lookahead import init_lookahead, load_lookahead
+from tests.util import drafting_call, per_layer_lookahead, tiny_checkpoint, tiny_model
 
 ZERO = torch.zeros(1, dtype=torch.long)
 
@@ -21,22 +21,6 @@ def plain_hidden(model, tokens):
     model.setup_caches(B, n)
     return model(tokens, input_pos=torch.arange(n).expand(B, -1), cache_seqlens=ZERO.expand(B),
                  return_hidden=True)
-
-
-def drafting_call(model, tokens, a, emb):
-    """Hidden states of LA_1..LA_L after anchor a, as pass_decode drafts them: x_0..x_{a-1} prefilled into the
-    cache, then [x_a, LA_1..LA_L] at positions a..a+L. tokens: (B, n); returns (B, L, dim)."""
-    B, L = tokens.shape[0], emb.shape[-2]
-    model.setup_caches(B, a + 1 + L)
-    if emb.requires_grad:  # autograd needs per-layer buffers (see fresh_caches)
-        tl.fresh_caches(model, B, a + 1 + L)
-    if a > 0:
-        model(tokens[:, :a], input_pos=torch.arange(a).expand(B, -1), cache_seqlens=ZERO.expand(B))
-    block, adds = lookahead_inputs(emb, 1, 1)
-    x = torch.cat([model.embed(tokens[:, a: a + 1]), block[None].expand(B, -1, -1)], 1)
-    h = model(embeds=x, input_pos=torch.arange(a, a + 1 + L).expand(B, -1), cache_seqlens=torch.full((B,), a),
-              return_hidden=True, layer_adds=adds)
-    return h[:, 1:]
 
 
 def block_hidden(hidden, layout, b):

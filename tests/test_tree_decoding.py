@@ -10,7 +10,7 @@ from minipass.errors import MinipassError
 from minipass.lookahead import init_lookahead
 from minipass.sampling import sample
 from tests.stats import continuation_probs, counts_of, g_test
-from tests.util import N_SAMPLES, PROMPT, SETTINGS, per_layer_lookahead, tiny_model
+from tests.util import N_SAMPLES, PROMPT, SETTINGS, drafting_call, per_layer_lookahead, tiny_model
 
 NEW_TOKENS = 24  # what the greedy_setup fixture (conftest.py) generates per prompt
 
@@ -124,6 +124,25 @@ def test_tree_sampling_with_per_layer_additions_matches_autoregressive_distribut
     p_value, impossible = g_test(counts, exact)
     assert impossible == 0 and p_value > 1e-3, f"G-test p = {p_value}"
     assert 0 < stats.accepted[0] < stats.attempted[0]
+
+
+def test_tree_candidates_come_from_the_per_layer_additions(tiny16, monkeypatch):
+    """The look-ahead top-k the second tree is built from equal a hand-built drafting call with the additions."""
+    la = per_layer_lookahead(tiny16, 3)
+    cfg = td.TreeConfig(nodes=6, topk=2, blocks=1, ngram_chains=0)
+    want = torch.softmax(tiny16.head(drafting_call(tiny16, torch.tensor([PROMPT]), len(PROMPT) - 1, la))[0], -1)
+    seen, real = [], td.build_tree
+
+    def spy(root, chains, top_tokens, top_probs, tree):
+        seen.append((top_tokens, top_probs))
+        return real(root, chains, top_tokens, top_probs, tree)
+
+    monkeypatch.setattr(td, "build_tree", spy)
+    td.tree_decode(tiny16, [PROMPT], 3, lookahead=la, tree=cfg)
+    assert seen[0] == (None, None)  # the first call has no look-ahead block before it
+    top = want.topk(2, dim=-1)
+    assert seen[1][0] == top.indices.tolist()
+    torch.testing.assert_close(torch.tensor(seen[1][1]), top.values, atol=1e-5, rtol=1e-5)
 
 
 def fallback_keeps_rejected(p, tokens, parents, u_accept, u_sample):

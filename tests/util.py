@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from safetensors.torch import save_file
 
@@ -44,6 +45,27 @@ def per_layer_lookahead(model: Transformer, L: int, seed: int = 1) -> Tensor:
     g = torch.Generator().manual_seed(seed + 1)
     la[1:] = torch.randn(la[1:].shape, generator=g) * model.embed_tokens.weight.std().item()
     return la.to(model.embed_tokens.weight.dtype)
+
+
+def drafting_call(model: Transformer, tokens: Tensor, a: int, emb: Tensor) -> Tensor:
+    """Hidden states of LA_1..LA_L after anchor a, built by hand as the paper's drafting call: x_0..x_{a-1} prefilled
+    into the cache, then [x_a, LA_1..LA_L] at positions a..a+L, with any per-layer additions at the LA rows only.
+    tokens: (B, n); emb: (L, dim) or (n_layers, L, dim); returns (B, L, dim)."""
+    from minipass.train_lookahead import fresh_caches
+
+    B, L = tokens.shape[0], emb.shape[-2]
+    model.setup_caches(B, a + 1 + L)
+    if emb.requires_grad:  # autograd needs per-layer buffers (see fresh_caches)
+        fresh_caches(model, B, a + 1 + L)
+    zero = torch.zeros(B, dtype=torch.long)
+    if a > 0:
+        model(tokens[:, :a], input_pos=torch.arange(a).expand(B, -1), cache_seqlens=zero)
+    la = emb if emb.dim() == 2 else emb[0]
+    adds = None if emb.dim() == 2 else F.pad(emb[1:], (0, 0, 1, 0))[:, None]  # (n_layers - 1, 1, 1 + L, dim)
+    x = torch.cat([model.embed(tokens[:, a: a + 1]), la[None].expand(B, -1, -1)], 1)
+    h = model(embeds=x, input_pos=torch.arange(a, a + 1 + L).expand(B, -1), cache_seqlens=zero + a,
+              return_hidden=True, layer_adds=adds)
+    return h[:, 1:]
 
 
 def hf_state_dict(model: Transformer) -> dict:
