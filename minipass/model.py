@@ -77,11 +77,22 @@ class KVCache:
     def __init__(self, k: Tensor, v: Tensor):
         self.k, self.v = k, v
 
-    def write(self, k: Tensor, v: Tensor, slots: Tensor) -> None:
-        # k, v: (B, T, H_kv, D); slots: (B, T) cache slot of each new token.
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[rows, :, slots] = k.to(self.k.dtype)
-        self.v[rows, :, slots] = v.to(self.v.dtype)
+    def write(self, k: Tensor, v: Tensor, index: Tensor) -> None:
+        # k, v: (B, T, H_kv, D); index: (B * H_kv * T,) rows of the (B * H_kv * S_max, D) view (see cache_index).
+        D = k.shape[-1]
+        self.k.view(-1, D).index_copy_(0, index, k.transpose(1, 2).reshape(-1, D).to(self.k.dtype))
+        self.v.view(-1, D).index_copy_(0, index, v.transpose(1, 2).reshape(-1, D).to(self.v.dtype))
+
+
+def cache_index(cache_seqlens: Tensor, T: int, n_kv_heads: int, S: int) -> Tensor:
+    """Rows of a (B * H_kv * S, D) cache view that new token t of row b, head h goes to: slot cache_seqlens[b] + t.
+
+    One index_copy_ per tensor writes every row's new tokens, whatever their lengths: no advanced-indexing scatter."""
+    B = cache_seqlens.shape[0]
+    dev = cache_seqlens.device
+    base = (torch.arange(B, device=dev)[:, None] * n_kv_heads + torch.arange(n_kv_heads, device=dev)) * S  # (B, H)
+    slots = cache_seqlens[:, None] + torch.arange(T, device=dev)  # (B, T)
+    return (base[:, :, None] + slots[:, None, :]).reshape(-1)  # (B * H_kv * T,), ordered (b, h, t)
 
 
 def attention_mask(cache_seqlens: Tensor, mask: Optional[Tensor], T: int, kv_len: int) -> Tensor:
@@ -127,14 +138,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=bias)
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, cache_seqlens: Tensor,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, write_index: Tensor, cache_seqlens: Tensor,
                 mask: Optional[Tensor], full_mask: Optional[Tensor], kv_len: int) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        self.kv_cache.write(k, v, slots)
+        self.kv_cache.write(k, v, write_index)
 
         q = q.transpose(1, 2)  # (B, Hq, T, D)
         if full_mask is None:  # Triton path: the kernel reads the cache and the new-token mask directly
@@ -180,7 +191,6 @@ class Transformer(nn.Module):
         self.kernels = "torch"  # "torch" or "triton"; see set_kernels()
         self.cache_batch_size = 0
         self.cache_len = 0
-        self.static_kv = False  # see compile_for_decoding()
 
     def rope_tables(self, device) -> tuple[Tensor, Tensor]:
         """cos/sin tables (max_seq_len, head_dim), fp32. Kept out of the state dict: they are derived from config."""
@@ -209,15 +219,6 @@ class Transformer(nn.Module):
         rows = torch.arange(src.shape[0], device=src.device)[:, None]
         self.kv[:, :, rows, :, dst] = self.kv[:, :, rows, :, src]
 
-    def compile_for_decoding(self, **kwargs) -> None:
-        """torch.compile the forward with static shapes (on CUDA with mode="reduce-overhead" for CUDA graphs).
-
-        Attention then always spans the whole cache instead of the `kv_len` slots in use, so each call width (1 for
-        autoregressive steps, the layout width of a speculative mode) compiles once.
-        """
-        self.static_kv = True
-        self.forward = torch.compile(self.forward, dynamic=False, **kwargs)
-
     def set_kernels(self, impl: str) -> None:
         """Attention and acceptance through the 'triton' kernels (CUDA tensors, or CPU tensors under
         TRITON_INTERPRET=1 for testing) or plain 'torch' (any device)."""
@@ -245,10 +246,13 @@ class Transformer(nn.Module):
         tokens: (B, T) ids, or embeds: (B, T, dim) input embeddings (look-ahead tokens enter this way).
         input_pos: (B, T) RoPE positions. cache_seqlens: (B,) committed cache length L_b of each row; new token i
         is written at slot L_b + i. mask: (T, T) or (B, T, T) bool among the new tokens (diagonal true), None =
-        causal. kv_len: number of cache slots the torch path attends over (>= max(L_b) + T; default all).
-        logits_index: (B, K) indices of the new tokens whose logits are wanted (default all T).
+        causal. kv_len: cache slots the torch path attends over (>= max(L_b) + T). The default, the whole cache,
+        is what decoding steps use: every call then reduces over the same slots whatever its width or the rows'
+        lengths, so a token's logits do not depend on the call it was computed in, and the shapes are static.
+        logits_index: (B, K) indices of the new tokens whose logits are wanted (default all T); only those rows go
+        through the final norm and the head.
         Returns logits (B, K or T, vocab), or with return_hidden the final normalised hidden states (B, K or T, dim),
-        which `head` turns into logits (decoders that need only some rows' logits use it).
+        which `head` turns into logits.
         layer_adds: (n_layers - 1, B or 1, T, dim), added to the residual stream before layers 1..n_layers-1 (per-layer
         look-ahead parameters, see lookahead.py; zero at real tokens).
         """
@@ -256,20 +260,24 @@ class Transformer(nn.Module):
         B, T, _ = x.shape  # (B, T, dim)
         cos, sin = self.rope_tables(x.device)
         cos, sin = cos[input_pos][:, :, None, :], sin[input_pos][:, :, None, :]  # (B, T, 1, D)
-        slots = cache_seqlens[:, None] + torch.arange(T, device=x.device)  # (B, T)
-        kv_len = self.cache_len if kv_len is None or self.static_kv else kv_len
+        write_index = cache_index(cache_seqlens, T, self.args.n_kv_heads, self.cache_len)  # shared by every layer
+        kv_len = self.cache_len if kv_len is None else kv_len
         full_mask = None
         if not self.use_triton:
             full_mask = attention_mask(cache_seqlens, mask, T, kv_len)  # built once, shared by every layer
         for i, layer in enumerate(self.layers):
             if layer_adds is not None and i > 0:
                 x = x + layer_adds[i - 1]
-            x = layer(x, cos, sin, slots, cache_seqlens, mask, full_mask, kv_len)
+            x = layer(x, cos, sin, write_index, cache_seqlens, mask, full_mask, kv_len)
         if logits_index is not None:
             x = x.gather(1, logits_index[:, :, None].expand(-1, -1, x.shape[-1]))
         x = self.norm(x)
         return x if return_hidden else self.head(x)
 
     def head(self, h: Tensor) -> Tensor:
+        """Logits (..., vocab) of final hidden states (..., dim).
+
+        The product is one 2-D matrix multiply on contiguous rows: given a 3-D or strided input, F.linear takes a
+        batched-matmul path that copies the (vocab, dim) weight transposed on every call."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight)
+        return F.linear(h.reshape(-1, h.shape[-1]), weight).view(*h.shape[:-1], weight.shape[0])

@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from minipass.errors import MinipassError
-from minipass.generate import add_model_args
+from minipass.cli import add_model_args, run_cli
 from minipass.lookahead import lookahead_inputs
 from minipass.model import KVCache, Transformer
 
@@ -216,6 +216,7 @@ def fresh_caches(model: Transformer, B: int, T: int) -> None:
     for layer in model.layers:
         layer.self_attn.kv_cache = KVCache(*(torch.zeros(B, a.n_kv_heads, T, a.head_dim, dtype=w.dtype,
                                                          device=w.device) for _ in range(2)))
+    model.cache_batch_size, model.cache_len = B, T
 
 
 def lookahead_forward(model: Transformer, tokens: Tensor, emb: Tensor, layout: Layout) -> Tensor:
@@ -454,16 +455,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        train(args)
-    except MinipassError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; --resume continues from the last checkpoint in {state_path(Path(args.out))}",
-              file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(lambda: train(args),
+                   interrupted=f"--resume continues from the last checkpoint in {state_path(Path(args.out))}")
 
 
 if __name__ == "__main__":
