@@ -423,7 +423,8 @@ def accept_tree_ref(p, tokens, parents, u_accept, u_sample):
         drop = ~acc & (pt > 0)
         mass = torch.where(drop, (mass - pt).clamp_min(0), mass)
         P = P.scatter(1, t_safe, torch.where(drop, 0.0, p_t)[:, None])
-        path[acc, num_accepted[acc]] = i
+        slot = num_accepted.clamp(max=N - 1)[:, None]
+        path = path.scatter(1, slot, torch.where(acc[:, None], i, path.gather(1, slot)))
         cur = torch.where(acc, i, cur)
         P = torch.where(acc[:, None], p[:, i].clamp_min(0), P)
         mass = torch.where(acc, P.sum(-1), mass)

@@ -1,13 +1,23 @@
-"""Batched decoding state shared by every decoder, and plain autoregressive decoding.
+"""The decoding step shared by every decoder, and plain autoregressive decoding.
 
-Every decoder keeps, per row b: `seqlens[b]`, the number of tokens whose K/V are in the cache (the committed
-sequence minus its last token), and `pending[b]`, that last committed token, which the next forward call feeds in
-first at position `seqlens[b]`. A prompt of n tokens is prefilled with its first n-1 tokens and leaves its last as
-the pending token, so the autoregressive loop and the speculative loops all start from the same state.
+Every decoder is a *step*: a function `step(model, state) -> state` of tensors only, with static shapes and no host
+synchronisation, that makes one iteration of the algorithm for every row of the batch (one or two forward calls,
+verification, commit). `run` calls it in a loop and looks at the state once every `check_every` steps, to stop when
+every row is done and to stream new tokens; nothing else crosses to the host. So a step can be compiled whole
+(`torch.compile(fullgraph=True)`, captured in a CUDA graph on CUDA): see `compile_step`.
+
+The state holds, per row b: `seqlens[b]`, the number of tokens whose K/V are in the cache (the committed sequence
+minus its last token), and `pending[b]`, that last committed token, which the next forward call feeds in first at
+position `seqlens[b]`. A prompt of n tokens is prefilled with its first n-1 tokens and leaves its last as the pending
+token, so the autoregressive loop and the speculative loops all start from the same state.
 
 Rows are independent: prompts of different lengths (right-padded into one tensor), their own random streams and
 their own stop. A finished row keeps its slot and keeps computing until the whole batch is done; what it produces
-after its stop is discarded. The loop synchronises with the host once per step, to decide whether to stop.
+after its stop is discarded, and its cache length no longer moves, so extra steps stay inside the cache.
+
+Non-finite logits (NaN or inf: a corrupt checkpoint, or a dtype overflow) are caught in the step at no extra host
+sync: each step records, per row, the position of the first token whose logits were not finite, and the host's
+periodic look raises one error naming the row and the position.
 """
 
 from __future__ import annotations
@@ -23,8 +33,10 @@ from minipass.errors import MinipassError
 from minipass.model import Transformer
 from minipass.sampling import SAMPLE, check_sampling_args, logits_to_probs, sample, uniforms
 
+State = dict  # name -> Tensor; see start()
 
-@dataclass
+
+@dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
@@ -32,6 +44,10 @@ class SamplingParams:
 
     def __post_init__(self):
         check_sampling_args(self.temperature, self.top_k, self.top_p)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
     def probs(self, logits: Tensor) -> Tensor:
         return logits_to_probs(logits, self.temperature, self.top_k, self.top_p)
@@ -44,7 +60,7 @@ class DecodeStats:
     tokens: int = 0  # tokens emitted, all rows
     accepted: list = field(default_factory=list)  # per draft position: drafts accepted
     attempted: list = field(default_factory=list)  # per draft position: drafts verified
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # the whole call: prefill, decoding, compilation of the step if it happened in this call
 
     @property
     def tokens_per_call(self) -> float:
@@ -66,134 +82,256 @@ class Output:
     stats: DecodeStats
 
 
-class DecodeState:
-    """Per-row decoding state on the model's device; see the module docstring."""
+# --- state ------------------------------------------------------------------------------------------------------------
 
-    def __init__(self, model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 sampling: SamplingParams, seeds: Optional[Sequence[int]], stop_ids: Sequence[int],
-                 slots_per_step: int, on_tokens: Optional[Callable] = None, draft_positions: int = 0):
-        if not prompts:
-            raise MinipassError("no prompts given")
-        if any(len(p) == 0 for p in prompts):
-            raise MinipassError("every prompt needs at least one token")
-        if max_new_tokens < 1:
-            raise MinipassError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        context = model.args.max_seq_len
-        longest = max(len(p) for p in prompts)
-        # Room for every emitted token plus the widest forward call that may follow the last commit.
-        capacity = longest + max_new_tokens + slots_per_step
-        if capacity > context:
-            raise MinipassError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} (and "
-                                f"{slots_per_step} working slots) exceeds the model's context of {context} tokens")
-        vocab = model.args.vocab_size
-        for p in prompts:
-            if min(p) < 0 or max(p) >= vocab:
-                raise MinipassError(f"prompt token id out of range [0, {vocab}): {min(p)}..{max(p)}")
-        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-        if len(seeds) != len(prompts):
-            raise MinipassError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+CACHE_ROUNDING = 64  # cache lengths are multiples of this: calls of similar lengths share one compiled step
 
-        device = model.embed_tokens.weight.device
-        self.model, self.device, self.sampling = model, device, sampling
-        self.B, self.max_new_tokens, self.on_tokens = len(prompts), max_new_tokens, on_tokens
-        self.seeds = torch.tensor(seeds, dtype=torch.long, device=device)
-        self.stop_ids = torch.tensor(sorted(set(stop_ids)) or [-1], dtype=torch.long, device=device)
-        model.setup_caches(self.B, capacity)
 
-        lens = torch.tensor([len(p) for p in prompts], device=device)
-        self.seqlens = lens - 1
-        self.pending = torch.tensor([p[-1] for p in prompts], device=device)
-        self.host_max_len = longest - 1  # max(seqlens), refreshed by the one sync per step
-        self.out = torch.zeros(self.B, max_new_tokens + slots_per_step, dtype=torch.long, device=device)
-        self.n_out = torch.zeros(self.B, dtype=torch.long, device=device)
-        self.finished = torch.zeros(self.B, dtype=torch.bool, device=device)
-        self.row_calls = torch.zeros(self.B, dtype=torch.long, device=device)
-        self.attempted = torch.zeros(draft_positions, dtype=torch.long, device=device)
-        self.accepted = torch.zeros(draft_positions, dtype=torch.long, device=device)
-        self.stats = DecodeStats()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # time this call's work only
-        self._t0 = time.perf_counter()
+def start(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+          seeds: Optional[Sequence[int]], stop_ids: Sequence[int], width: int, draft_positions: int = 0,
+          cache_len: Optional[int] = None) -> State:
+    """Check the request, allocate the cache, prefill every prompt but its last token, and return the state.
 
-        if longest > 1:  # prefill every prompt but its last token, right-padded
-            tokens = torch.zeros(self.B, longest - 1, dtype=torch.long, device=device)
-            for b, p in enumerate(prompts):
-                tokens[b, : len(p) - 1] = torch.tensor(p[:-1])
-            positions = torch.arange(longest - 1, device=device).expand(self.B, -1)
-            zeros = torch.zeros(self.B, dtype=torch.long, device=device)
-            model(tokens, input_pos=positions, cache_seqlens=zeros, kv_len=longest - 1,
-                  logits_index=torch.zeros(self.B, 1, dtype=torch.long, device=device))
+    width: the most new tokens one step may write past a row's committed length (the widest forward call).
+    draft_positions: length of the per-position acceptance counters. cache_len: at least this many cache slots per
+    row. A compiled step is specialised to the cache length (attention spans the whole cache), so calls that should
+    share one, such as a benchmark's, pass the same cache_len.
+    """
+    if not prompts:
+        raise MinipassError("no prompts given")
+    if any(len(p) == 0 for p in prompts):
+        raise MinipassError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise MinipassError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    context = model.args.max_seq_len
+    longest = max(len(p) for p in prompts)
+    # Room for every emitted token plus the widest forward call that may follow the last commit.
+    capacity = longest + max_new_tokens + width
+    if capacity > context:
+        raise MinipassError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} (and "
+                            f"{width} working slots) exceeds the model's context of {context} tokens")
+    capacity = min(context, max(capacity, cache_len or 0) + (-max(capacity, cache_len or 0)) % CACHE_ROUNDING)
+    vocab = model.args.vocab_size
+    for p in prompts:
+        if min(p) < 0 or max(p) >= vocab:
+            raise MinipassError(f"prompt token id out of range [0, {vocab}): {min(p)}..{max(p)}")
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise MinipassError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
 
-    def commit(self, tokens: Tensor, n_emit: Tensor, advance: Tensor) -> Tensor:
-        """Append `n_emit[b]` tokens of `tokens[b]` (B, W) to each unfinished row; returns the count kept per row.
+    device = model.embed_tokens.weight.device
+    B = len(prompts)
+    model.setup_caches(B, capacity)
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    tokens = torch.zeros(B, capacity, dtype=torch.long)  # every committed token, prompt included, by position
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)] = torch.tensor(p)
+    tokens = tokens.to(device)
+    zeros = torch.zeros(B, dtype=torch.long, device=device)
+    if longest > 1:  # prefill every prompt but its last token, right-padded
+        positions = torch.arange(longest - 1, device=device).expand(B, -1)
+        # Only the K/V are wanted: one row per prompt goes through the final norm, none through the head.
+        model(tokens[:, : longest - 1], input_pos=positions, cache_seqlens=zeros, kv_len=longest - 1,
+              logits_index=zeros[:, None], return_hidden=True)
+    return {
+        "seeds": torch.tensor(seeds, dtype=torch.long, device=device),
+        "stop_ids": torch.tensor(sorted(set(stop_ids)) or [-1], dtype=torch.long, device=device),
+        "budget": torch.full((B,), max_new_tokens, device=device),
+        "tokens": tokens,
+        "seqlens": lens - 1,
+        "pending": tokens.gather(1, (lens - 1)[:, None])[:, 0],
+        "prompt_lens": lens,
+        "out": torch.zeros(B, capacity, dtype=torch.long, device=device),  # the same shape whatever max_new_tokens
+        "n_out": zeros,
+        "finished": torch.zeros(B, dtype=torch.bool, device=device),
+        "calls": torch.zeros((), dtype=torch.long, device=device),
+        "row_calls": zeros,
+        "attempted": torch.zeros(draft_positions, dtype=torch.long, device=device),
+        "accepted": torch.zeros(draft_positions, dtype=torch.long, device=device),
+        "bad": torch.full((B,), -1, dtype=torch.long, device=device),  # position of the first non-finite logits
+    }
 
-        A row's output stops at its first stop token or at max_new_tokens; tokens past that are dropped. The last
-        kept token becomes the row's pending token, and the row's cache length grows by `advance[b]` (the new
-        tokens whose K/V the call left in consecutive slots). Finished rows keep nothing and stay where they are.
-        """
-        W = tokens.shape[1]
-        idx = torch.arange(W, device=self.device)
-        is_stop = torch.isin(tokens, self.stop_ids) & (idx < n_emit[:, None])
-        # Keep up to and including the first stop token, and no more than the row's remaining budget.
-        first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, W + 1)
-        keep = torch.minimum(torch.minimum(n_emit, first_stop), self.max_new_tokens - self.n_out)
-        keep = torch.where(self.finished, 0, keep)
-        slots = (self.n_out[:, None] + idx).clamp(max=self.out.shape[1] - 1)
-        self.out.scatter_(1, slots, torch.where(idx < keep[:, None], tokens, self.out.gather(1, slots)))
 
-        self.stats.calls += 1
-        self.row_calls += (~self.finished).long()
-        self.n_out += keep
-        last = tokens.gather(1, (keep - 1).clamp(min=0)[:, None])[:, 0]
-        self.pending = torch.where(keep > 0, last, self.pending)
-        self.finished = self.finished | (first_stop <= keep) | (self.n_out >= self.max_new_tokens)
-        # A row that is done stays where it is, so its later (discarded) calls stay inside the cache.
-        self.seqlens = self.seqlens + torch.where(self.finished, 0, advance)
-        return keep
+def commit(st: State, tokens: Tensor, n_emit: Tensor, advance: Tensor) -> tuple[State, Tensor]:
+    """Append `n_emit[b]` tokens of `tokens[b]` (B, W) to each unfinished row; returns the new state and the count
+    kept per row.
 
-    def record_acceptance(self, n_drafts: Tensor, n_accepted: Tensor) -> None:
-        """Count, per draft position k, the drafts verified (the first k were accepted) and accepted. Call before
-        commit(), so rows that were already finished are left out."""
-        k = torch.arange(self.attempted.shape[0], device=self.device)
-        active = ~self.finished[:, None]
-        self.attempted += ((k < n_drafts[:, None]) & (k <= n_accepted[:, None]) & active).sum(0)
-        self.accepted += ((k < n_accepted[:, None]) & active).sum(0)
+    A row's output stops at its first stop token or at its budget of new tokens; tokens past that are dropped. The
+    last kept token becomes the row's pending token, and the row's cache length grows by `advance[b]` (the new
+    tokens whose K/V the call left in consecutive slots). Finished rows keep nothing and stay where they are.
+    """
+    W = tokens.shape[1]
+    dev = tokens.device
+    idx = torch.arange(W, device=dev)
+    tokens = tokens.clamp(min=0)  # an invalid row's -1 never reaches an embedding lookup (it is reported instead)
+    is_stop = torch.isin(tokens, st["stop_ids"]) & (idx < n_emit[:, None])
+    # Keep up to and including the first stop token, and no more than the row's remaining budget.
+    first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, W + 1)
+    keep = torch.minimum(torch.minimum(n_emit, first_stop), st["budget"] - st["n_out"])
+    finished = st["finished"]
+    keep = torch.where(finished, 0, keep)
+    kept = idx < keep[:, None]  # (B, W)
 
-    def done(self) -> bool:
-        """The loop's one host sync per step: streams new tokens if asked to, and tells whether all rows are done."""
-        if self.on_tokens is not None:
-            self.on_tokens(self.out, self.n_out)
-        all_done, longest = torch.stack([self.finished.all().long(), self.seqlens.max()]).tolist()
-        self.host_max_len = longest  # lets the torch attention path skip the cache slots nobody uses yet
-        return bool(all_done)
+    out, n_out = st["out"], st["n_out"]
+    slots = (n_out[:, None] + idx).clamp(max=out.shape[1] - 1)
+    out = out.scatter(1, slots, torch.where(kept, tokens, out.gather(1, slots)))
+    seq = st["tokens"]
+    pos = (st["seqlens"][:, None] + 1 + idx).clamp(max=seq.shape[1] - 1)
+    seq = seq.scatter(1, pos, torch.where(kept, tokens, seq.gather(1, pos)))
 
-    def result(self) -> Output:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.stats.wall_s = time.perf_counter() - self._t0
-        n_out = self.n_out.tolist()
-        self.stats.tokens = sum(n_out)
-        self.stats.row_calls = int(self.row_calls.sum())
-        self.stats.attempted, self.stats.accepted = self.attempted.tolist(), self.accepted.tolist()
-        out = self.out.tolist()
-        return Output(tokens=[row[:n] for row, n in zip(out, n_out)], stats=self.stats)
+    last = tokens.gather(1, (keep - 1).clamp(min=0)[:, None])[:, 0]
+    n_out = n_out + keep
+    now_finished = finished | (first_stop <= keep) | (n_out >= st["budget"])
+    # A row that is done stays where it is, so its later (discarded) calls stay inside the cache.
+    return dict(st, out=out, n_out=n_out, tokens=seq, pending=torch.where(keep > 0, last, st["pending"]),
+                finished=now_finished, seqlens=st["seqlens"] + torch.where(now_finished, 0, advance),
+                calls=st["calls"] + 1, row_calls=st["row_calls"] + (~finished).long()), keep
+
+
+def record_acceptance(st: State, n_drafts: Tensor, n_accepted: Tensor) -> State:
+    """Count, per draft position k, the drafts verified (the first k were accepted) and accepted. Call before
+    commit(), so rows that were already finished are left out."""
+    k = torch.arange(st["attempted"].shape[0], device=n_drafts.device)
+    active = ~st["finished"][:, None]
+    return dict(st, attempted=st["attempted"] + ((k < n_drafts[:, None]) & (k <= n_accepted[:, None]) & active).sum(0),
+                accepted=st["accepted"] + ((k < n_accepted[:, None]) & active).sum(0))
+
+
+def flag_non_finite(st: State, ok: Tensor, position: Tensor) -> State:
+    """Remember, per row, the first position (B,) at which `ok` (B,) was false, for rows still decoding."""
+    new = ~ok & ~st["finished"] & (st["bad"] < 0)
+    return dict(st, bad=torch.where(new, position, st["bad"]))
+
+
+def choose(sampling: SamplingParams, logits: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """The next token from logits (..., V) and uniforms u (...): argmax when greedy, else an exact sample from the
+    transformed distribution. Also returns whether the logits were finite (their max is finite: no NaN, no +inf,
+    not all -inf), which costs nothing extra when greedy."""
+    if sampling.greedy:
+        top, token = logits.max(-1)
+        return token, torch.isfinite(top)
+    ok = torch.isfinite(logits.amax(-1))
+    token = sample(sampling.probs(logits), u)
+    return token.clamp(max=logits.shape[-1] - 1), ok
+
+
+# --- the loop -----------------------------------------------------------------------------------------------------------
+
+_COMPILED: dict = {}
+
+
+def compile_options(device: torch.device) -> dict:
+    """torch.compile arguments for a decoding step on this device.
+
+    CUDA: CUDA graphs ("reduce-overhead"): the step is one graph replay, no per-kernel launch cost. CPU: inductor with
+    the weights frozen into the graph (prepacked for oneDNN) and its C++ GEMM templates autotuned against ATen's,
+    which read bf16 weights at close to the memory bandwidth at the few rows a decoding step has.
+    """
+    if device.type == "cuda":
+        return {"mode": "reduce-overhead"}
+    return {"options": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}}
+
+
+def compile_step(step: Callable, key: tuple, device: torch.device, options: Optional[dict] = None) -> Callable:
+    """`torch.compile(step, fullgraph=True, dynamic=False)`, made once per key (a mode and its static options) and
+    device. fullgraph=True makes any graph break an error: the step must be pure tensor code."""
+    key = (key, str(device), repr(options))
+    if key not in _COMPILED:
+        import torch._dynamo
+
+        # Each mode, option set and batch shape is one more compiled variant of the same Python step.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        opts = compile_options(device) if options is None else options
+        _COMPILED[key] = torch.compile(step, fullgraph=True, dynamic=False, **opts)
+    return _COMPILED[key]
+
+
+def check_every_default(device: torch.device) -> int:
+    """Steps between two looks at the state: every step on a CPU, where a look costs nothing; a few on CUDA, where
+    each look is a synchronisation that stalls the queue of launched work."""
+    return 4 if device.type == "cuda" else 1
+
+
+def run(model: Transformer, step: Callable, st: State, on_tokens: Optional[Callable] = None,
+        check_every: Optional[int] = None, t0: Optional[float] = None) -> Output:
+    """Step until every row is done, looking at the state every `check_every` steps; returns the outputs.
+
+    on_tokens(out, n_out), if given, is called at each look with the output buffer (B, W) and the counts (B,).
+    """
+    device = st["seqlens"].device
+    check_every = check_every or check_every_default(device)
+    while True:
+        for _ in range(check_every):
+            st = step(model, st)
+        if on_tokens is not None:
+            on_tokens(st["out"], st["n_out"])
+        done, bad = torch.stack([st["finished"].all(), (st["bad"] >= 0).any()]).tolist()
+        if bad:
+            raise_non_finite(st)
+        if done:
+            break
+    return result(st, t0)
+
+
+def raise_non_finite(st: State) -> None:
+    bad = st["bad"].tolist()
+    row = next(b for b, p in enumerate(bad) if p >= 0)
+    raise MinipassError(f"non-finite logits (NaN or inf) for batch row {row} at token position {bad[row]}: the "
+                        "checkpoint holds NaN/inf weights (check it with --check-weights) or the activations "
+                        "overflowed the dtype (try --dtype fp32)")
+
+
+def result(st: State, t0: Optional[float] = None) -> Output:
+    device = st["seqlens"].device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    n_out = st["n_out"].tolist()
+    stats = DecodeStats(calls=int(st["calls"]), row_calls=int(st["row_calls"].sum()), tokens=sum(n_out),
+                        attempted=st["attempted"].tolist(), accepted=st["accepted"].tolist(),
+                        wall_s=time.perf_counter() - t0 if t0 is not None else 0.0)
+    out = st["out"].tolist()
+    return Output(tokens=[row[:n] for row, n in zip(out, n_out)], stats=stats)
+
+
+def clock(model: Transformer) -> float:
+    """Start of a decode call's wall time (after the device has finished earlier work)."""
+    if model.embed_tokens.weight.is_cuda:
+        torch.cuda.synchronize(model.embed_tokens.weight.device)
+    return time.perf_counter()
+
+
+# --- autoregressive decoding ----------------------------------------------------------------------------------------------
+
+def ar_step(model: Transformer, st: State, sampling: SamplingParams) -> State:
+    """One token per row: the reference every other decoder must reproduce."""
+    logits = model(st["pending"][:, None], input_pos=st["seqlens"][:, None], cache_seqlens=st["seqlens"])[:, 0]
+    # The token decided here sits at position seqlens + 1 of its row.
+    position = st["seqlens"] + 1
+    token, ok = choose(sampling, logits, uniforms(st["seeds"], position, SAMPLE))
+    st = flag_non_finite(st, ok, position)
+    ones = torch.ones_like(token)
+    return commit(st, token[:, None], ones, advance=ones)[0]
+
+
+def step_for(step: Callable, key: tuple, model: Transformer, compile) -> Callable:
+    """The step itself (compile False), or its compiled form: compile True uses `compile_options`, a dict gives the
+    torch.compile arguments. Made once per key and model: compiled steps bake the weights in."""
+    if not compile:
+        return step
+    options = None if compile is True else dict(compile)
+    return compile_step(step, key + (id(model),), model.embed_tokens.weight.device, options)
 
 
 @torch.no_grad()
 def ar_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
               sampling: SamplingParams = SamplingParams(), seeds: Optional[Sequence[int]] = None,
-              stop_ids: Sequence[int] = (), on_tokens: Optional[Callable] = None) -> Output:
-    """Autoregressive decoding: one forward call per token. The reference every other decoder must reproduce."""
-    st = DecodeState(model, prompts, max_new_tokens, sampling, seeds, stop_ids, slots_per_step=1,
-                     on_tokens=on_tokens)
-    while True:
-        logits = model(st.pending[:, None], input_pos=st.seqlens[:, None], cache_seqlens=st.seqlens,
-                       kv_len=st.host_max_len + 1)
-        probs = sampling.probs(logits[:, 0])  # (B, V)
-        # The token decided here sits at position seqlens + 1 of its row.
-        token = sample(probs, uniforms(st.seeds, st.seqlens + 1, SAMPLE))
-        ones = torch.ones_like(token)
-        st.commit(token[:, None], ones, advance=ones)
-        if st.done():
-            break
-    return st.result()
+              stop_ids: Sequence[int] = (), on_tokens: Optional[Callable] = None, *, compile=False,
+              check_every: Optional[int] = None, cache_len: Optional[int] = None) -> Output:
+    """Autoregressive decoding: one forward call per token. The reference every other decoder must reproduce.
+
+    compile: torch.compile the step (see step_for); check_every: steps between looks at the state (see run);
+    cache_len: the least cache length (see start). The speculative decoders take the same three options."""
+    t0 = clock(model)
+    st = start(model, prompts, max_new_tokens, seeds, stop_ids, width=1, cache_len=cache_len)
+    step = step_for(lambda m, s: ar_step(m, s, sampling), ("ar", sampling), model, compile)
+    return run(model, step, st, on_tokens, check_every, t0)

@@ -10,18 +10,21 @@ tokens after the emitted one. See PASS.md for the layout.
 
 Output is distributed exactly as autoregressive sampling (token-identical when greedy), whatever the drafts. The
 same sampling transform (temperature, top-k, top-p) gives the targets p and the draft distributions q. Every random
-number is keyed by (row seed, token position, purpose): see sampling.py.
+number is keyed by (row seed, token position, purpose): see sampling.py. Each iteration is one step function of the
+state (decoding.py), compilable whole.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from kernels.acceptance import accept, accept_ref
-from minipass.decoding import DecodeState, Output, SamplingParams
+from minipass.decoding import (Output, SamplingParams, State, choose, clock, commit, flag_non_finite,
+                               record_acceptance, run, start, step_for)
 from minipass.lookahead import lookahead_inputs, num_lookahead
 from minipass.model import Transformer
 from minipass.sampling import ACCEPT, DRAFT, RESIDUAL, SAMPLE, sample, uniforms
@@ -34,54 +37,88 @@ def verify(model: Transformer, p: Tensor, drafts: Tensor, n_drafts: Tensor, u_ac
     return fn(p, drafts, n_drafts, u_accept, u_sample, q=q)
 
 
+def verify_chain(model: Transformer, sampling: SamplingParams, logits: Tensor, drafts: Tensor, n_drafts: Tensor,
+                 u_accept: Tensor, u_sample: Tensor, q: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Verify drafts (B, K) against the target logits (B, K+1, V): (tokens (B, K+1), n_acc (B,), logits finite (B,)).
+
+    Greedy needs no distributions: a draft is accepted iff it equals the argmax, and the emitted token is the argmax
+    after the last accepted draft, so the tokens are the targets' argmaxes themselves."""
+    K = drafts.shape[1]
+    if sampling.greedy:
+        top, target = logits.max(-1)  # (B, K+1)
+        ok = torch.isfinite(top).all(-1)
+        hit = (drafts == target[:, :K]) & (torch.arange(K, device=drafts.device) < n_drafts[:, None])
+        return target, hit.long().cumprod(1).sum(1), ok
+    ok = torch.isfinite(logits.amax(-1)).all(-1)
+    tokens, n_acc = verify(model, sampling.probs(logits), drafts, n_drafts, u_accept, u_sample, q)
+    return tokens, n_acc.clamp(min=0), ok & (n_acc >= 0)  # n_acc = -1: the kernel found the row invalid
+
+
 def draft_from(sampling: SamplingParams, logits: Tensor, seeds: Tensor, positions: Tensor):
     """Drafts (B, L) from look-ahead logits (B, L, V), and their distributions q (None when drafts are greedy)."""
-    if sampling.temperature == 0:
+    if sampling.greedy:
         return logits.argmax(-1), None  # a deterministic draft: q is one-hot on it
     q = sampling.probs(logits)
-    return sample(q, uniforms(seeds, positions, DRAFT)), q
+    return sample(q, uniforms(seeds, positions, DRAFT)).clamp(max=logits.shape[-1] - 1), q
+
+
+# --- pass: the paper's two calls per iteration ----------------------------------------------------------------------
+
+def pass_step(model: Transformer, st: State, sampling: SamplingParams, la: Tensor, adds: Optional[Tensor]) -> State:
+    L = la.shape[1]
+    seeds = st["seeds"]
+    ar = torch.arange(L + 1, device=seeds.device)
+    full = torch.full_like(st["seqlens"], L)
+    # 1. Drafting: x_t and the look-ahead tokens, causal. x_t's K/V stay in the cache.
+    seq = st["seqlens"]
+    embeds = torch.cat([model.embed(st["pending"][:, None]), la], dim=1)  # (B, L+1, dim)
+    logits = model(embeds=embeds, input_pos=seq[:, None] + ar, cache_seqlens=seq, layer_adds=adds)
+    y, ok = choose(sampling, logits[:, 0], uniforms(seeds, seq + 1, SAMPLE))
+    st = flag_non_finite(st, ok, seq + 1)
+    # d_k will sit at position seqlens + 1 + k (y takes seqlens + 1).
+    drafts, q = draft_from(sampling, logits[:, 1:], seeds, seq[:, None] + 1 + ar[1:])
+    one = torch.ones_like(y)
+    st, _ = commit(st, y[:, None], one, advance=one)
+
+    # 2. Validation: y and the drafts, causal. y at position seqlens, d_k at seqlens + k.
+    seq = st["seqlens"]
+    tokens = torch.cat([st["pending"][:, None], drafts], dim=1)  # (B, L+1)
+    logits = model(tokens, input_pos=seq[:, None] + ar, cache_seqlens=seq)
+    out, n_acc, ok = verify_chain(model, sampling, logits, drafts, full, uniforms(seeds, seq[:, None] + ar[1:], ACCEPT),
+                                  uniforms(seeds, seq + 1, RESIDUAL), q)
+    st = flag_non_finite(st, ok, seq + 1)
+    st = record_acceptance(st, full, n_acc)
+    # y and the accepted drafts now have valid K/V; the emitted token becomes the pending one.
+    return commit(st, out, n_acc + 1, advance=n_acc + 1)[0]
 
 
 @torch.no_grad()
 def pass_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                 sampling: SamplingParams = SamplingParams(), seeds: Optional[Sequence[int]] = None,
                 stop_ids: Sequence[int] = (), on_tokens: Optional[Callable] = None, *,
-                lookahead: Tensor) -> Output:
+                lookahead: Tensor, compile=False, check_every: Optional[int] = None,
+                cache_len: Optional[int] = None) -> Output:
     """The paper's two-call loop with L look-ahead tokens: lookahead is (L, dim), or (n_layers, L, dim) with
     per-layer additions (lookahead.py)."""
     L = num_lookahead(model, lookahead)
-    st = DecodeState(model, prompts, max_new_tokens, sampling, seeds, stop_ids, slots_per_step=L + 1,
-                     on_tokens=on_tokens, draft_positions=L)
-    B, ar = st.B, torch.arange(L + 1, device=st.device)
-    la, adds = lookahead_inputs(lookahead, 1, 1, B)  # (B, L, dim), per-layer additions or None
-    full = torch.full((B,), L, device=st.device)
-    while True:
-        # 1. Drafting: x_t and the look-ahead tokens, causal. x_t's K/V stay in the cache.
-        embeds = torch.cat([model.embed(st.pending[:, None]), la], dim=1)  # (B, L+1, dim)
-        logits = model(embeds=embeds, input_pos=st.seqlens[:, None] + ar, cache_seqlens=st.seqlens,
-                       kv_len=st.host_max_len + L + 1, layer_adds=adds)
-        y = sample(sampling.probs(logits[:, 0]), uniforms(st.seeds, st.seqlens + 1, SAMPLE))
-        # d_k will sit at position seqlens + 1 + k (y takes seqlens + 1).
-        drafts, q = draft_from(sampling, logits[:, 1:], st.seeds, st.seqlens[:, None] + 1 + ar[1:])
-        one = torch.ones_like(y)
-        st.commit(y[:, None], one, advance=one)
-        if st.done():
-            break
+    t0 = clock(model)
+    st = start(model, prompts, max_new_tokens, seeds, stop_ids, width=L + 1, draft_positions=L, cache_len=cache_len)
+    la, adds = lookahead_inputs(lookahead, 1, 1, len(prompts))  # (B, L, dim), per-layer additions or None
+    step = step_for(partial(_with_inputs, pass_step, sampling=sampling, la=la, adds=adds),
+                    ("pass", sampling, L, _tensor_key(lookahead), len(prompts)), model, compile)
+    return run(model, step, st, on_tokens, check_every, t0)
 
-        # 2. Validation: y and the drafts, causal. y at position seqlens, d_k at seqlens + k.
-        tokens = torch.cat([st.pending[:, None], drafts], dim=1)  # (B, L+1)
-        logits = model(tokens, input_pos=st.seqlens[:, None] + ar, cache_seqlens=st.seqlens,
-                       kv_len=st.host_max_len + L + 1)
-        p = sampling.probs(logits)  # (B, L+1, V)
-        out, n_acc = verify(model, p, drafts, full, uniforms(st.seeds, st.seqlens[:, None] + ar[1:], ACCEPT),
-                            uniforms(st.seeds, st.seqlens + 1, RESIDUAL), q)
-        st.record_acceptance(full, n_acc)
-        # y and the accepted drafts now have valid K/V; the emitted token becomes the pending one.
-        st.commit(out, n_acc + 1, advance=n_acc + 1)
-        if st.done():
-            break
-    return st.result()
 
+def _with_inputs(step, model, st, **kw):
+    return step(model, st, **kw)
+
+
+def _tensor_key(t: Tensor) -> tuple:
+    # Compiled steps bake their look-ahead tensors in: a different tensor must be a different compiled step.
+    return (id(t), t.shape, t.dtype)
+
+
+# --- pass1: one call per iteration ----------------------------------------------------------------------------------
 
 class Pass1Layout:
     """The new tokens of one pass1 call, with their position offsets and mask (static for a given L).
@@ -98,16 +135,15 @@ class Pass1Layout:
         offsets = list(range(L + 1))
         mask[: L + 1, : L + 1] = torch.tril(torch.ones(L + 1, L + 1, dtype=torch.bool))
         for b, i in enumerate(self.points):
-            start = L + 1 + b * L
+            start_ = L + 1 + b * L
             for k in range(1, L + 1):
-                row = start + k - 1
+                row = start_ + k - 1
                 mask[row, : i + 1] = True
-                mask[row, start: row + 1] = True
+                mask[row, start_: row + 1] = True
                 offsets.append(i + k)
         self.T = T
         self.mask = mask.to(device)
         self.offsets = torch.tensor(offsets, device=device)
-        self.is_lookahead = torch.arange(T, device=device) >= L + 1
         # block_start[j]: index of the first token of the block after acceptance point j, or -1 without one.
         start = torch.full((L + 1,), -1, dtype=torch.long)
         for b, i in enumerate(self.points):
@@ -115,49 +151,59 @@ class Pass1Layout:
         self.block_start = start.to(device)
 
 
+def pass1_step(model: Transformer, st: State, sampling: SamplingParams, layout: Pass1Layout, la: Tensor,
+               adds: Optional[Tensor]) -> State:
+    L = layout.L
+    seeds, seq = st["seeds"], st["seqlens"]
+    ar = torch.arange(L + 1, device=seq.device)
+    drafts, n_drafts = st["drafts"], st["n_drafts"]
+    embeds = torch.cat([model.embed(torch.cat([st["pending"][:, None], drafts], 1)), la], 1)
+    # Every row's logits are needed: the targets at c_0..c_L, and each block, since which block drafts the next
+    # call is known only after verification. One head call on all of them.
+    logits = model(embeds=embeds, input_pos=seq[:, None] + layout.offsets, cache_seqlens=seq, mask=layout.mask,
+                   layer_adds=adds)  # (B, T, V)
+    out, n_acc, ok = verify_chain(model, sampling, logits[:, : L + 1], drafts, n_drafts,
+                                  uniforms(seeds, seq[:, None] + ar[1:], ACCEPT), uniforms(seeds, seq + 1, RESIDUAL),
+                                  st.get("q"))
+    st = flag_non_finite(st, ok, seq + 1)
+    st = record_acceptance(st, n_drafts, n_acc)
+
+    # Next drafts: the block after the last accepted token, if the layout has one.
+    start_ = layout.block_start[n_acc]  # (B,)
+    rows = (start_.clamp(min=0)[:, None] + ar[None, :L])[:, :, None].expand(-1, -1, logits.shape[-1])
+    new_seqlens = seq + n_acc + 1  # where the emitted token will sit
+    drafts, q = draft_from(sampling, logits.gather(1, rows), seeds, new_seqlens[:, None] + ar[1:])
+    st, _ = commit(st, out, n_acc + 1, advance=n_acc + 1)
+    st = dict(st, drafts=drafts, n_drafts=torch.where(start_ >= 0, L, 0))
+    if q is not None:
+        st["q"] = q
+    return st
+
+
 @torch.no_grad()
 def pass1_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: SamplingParams = SamplingParams(), seeds: Optional[Sequence[int]] = None,
                  stop_ids: Sequence[int] = (), on_tokens: Optional[Callable] = None, *,
-                 lookahead: Tensor, blocks: Optional[int] = 2) -> Output:
+                 lookahead: Tensor, blocks: Optional[int] = 2, compile=False,
+                 check_every: Optional[int] = None, cache_len: Optional[int] = None) -> Output:
     """One forward call per iteration: verify the previous drafts and draft the next ones together.
 
     blocks: look-ahead blocks after acceptance points 0..blocks-1 (None: all L+1). With fewer, an iteration that
-    accepts more drafts than that has no drafts for the next call, which then emits one token. The default, 2, is
-    what measured fastest on a 2-core CPU: the call shrinks from 1 + L + (L+1)L tokens to 1 + 3L, and with the
-    shipped embeddings accepting 2+ drafts is rare (README, "Results").
+    accepts more drafts than that has no drafts for the next call, which then emits one token. Two blocks keep most
+    of the acceptance (2+ accepted drafts are rare with the shipped embeddings) at a much narrower call than L + 1.
     """
     L = num_lookahead(model, lookahead)
     n_points = L + 1 if blocks is None else max(1, min(blocks, L + 1))
     layout = Pass1Layout(L, range(n_points), model.embed_tokens.weight.device)
-    st = DecodeState(model, prompts, max_new_tokens, sampling, seeds, stop_ids, slots_per_step=layout.T,
-                     on_tokens=on_tokens, draft_positions=L)
-    B, dev = st.B, st.device
-    la_embeds, adds = lookahead_inputs(lookahead, n_points, L + 1, B)  # (B, n_points * L, dim), additions
-    ar = torch.arange(L + 1, device=dev)
-    drafts = torch.zeros(B, L, dtype=torch.long, device=dev)
-    n_drafts = torch.zeros(B, dtype=torch.long, device=dev)  # the first call has no drafts to verify
-    q = None if sampling.temperature == 0 else torch.zeros(B, L, model.args.vocab_size, device=dev)
-    while True:
-        embeds = torch.cat([model.embed(torch.cat([st.pending[:, None], drafts], 1)), la_embeds], 1)
-        hidden = model(embeds=embeds, input_pos=st.seqlens[:, None] + layout.offsets, cache_seqlens=st.seqlens,
-                       mask=layout.mask, kv_len=st.host_max_len + layout.T, return_hidden=True,
-                       layer_adds=adds)  # (B, T, dim)
-        p = sampling.probs(model.head(hidden[:, : L + 1]))  # (B, L+1, V): targets at c_0..c_L
-        out, n_acc = verify(model, p, drafts, n_drafts, uniforms(st.seeds, st.seqlens[:, None] + ar[1:], ACCEPT),
-                            uniforms(st.seeds, st.seqlens + 1, RESIDUAL), q)
-        st.record_acceptance(n_drafts, n_acc)
-
-        # Next drafts: the block after the last accepted token, if the layout has one.
-        start = layout.block_start[n_acc]  # (B,)
-        rows = (start.clamp(min=0)[:, None] + ar[None, :L])[:, :, None].expand(-1, -1, hidden.shape[-1])
-        new_seqlens = st.seqlens + n_acc + 1  # where the emitted token will sit
-        drafts, q_next = draft_from(sampling, model.head(hidden.gather(1, rows)), st.seeds,
-                                    new_seqlens[:, None] + ar[1:])
-        if q is not None:
-            q = q_next
-        n_drafts = torch.where(start >= 0, L, 0)
-        st.commit(out, n_acc + 1, advance=n_acc + 1)
-        if st.done():
-            break
-    return st.result()
+    t0 = clock(model)
+    st = start(model, prompts, max_new_tokens, seeds, stop_ids, width=layout.T, draft_positions=L,
+               cache_len=cache_len)
+    B, dev = len(prompts), st["seqlens"].device
+    la, adds = lookahead_inputs(lookahead, n_points, L + 1, B)  # (B, n_points * L, dim), additions
+    st["drafts"] = torch.zeros(B, L, dtype=torch.long, device=dev)
+    st["n_drafts"] = torch.zeros(B, dtype=torch.long, device=dev)  # the first call has no drafts to verify
+    if not sampling.greedy:
+        st["q"] = torch.zeros(B, L, model.args.vocab_size, device=dev)
+    step = step_for(partial(_with_inputs, pass1_step, sampling=sampling, layout=layout, la=la, adds=adds),
+                    ("pass1", sampling, L, n_points, _tensor_key(lookahead), B), model, compile)
+    return run(model, step, st, on_tokens, check_every, t0)

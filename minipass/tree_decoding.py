@@ -14,9 +14,20 @@ replacement, one candidate at a time: the output is distributed exactly as autor
 the child equal to argmax P). kernels/tree_acceptance.py implements it; the accepted nodes' K/V are then moved to
 consecutive cache slots with one index copy for all layers.
 
-Trees are built on the host, from data fetched in the step's one host sync (the emitted tokens, which also extend the
-context the n-gram index searches, and the look-ahead top-k). The sizes are static: N nodes (unused ones are padding
-that nobody attends to) and M blocks of L look-ahead tokens.
+Trees are built on the device, for all rows at once, inside the step (no host round trip):
+  1. candidates: a static *pool* of nodes (`TreeTemplate`): the root, C n-gram chains of up to `ngram_len` tokens
+     each, and a fixed set of look-ahead rank paths (r_1, .., r_d): the r_1-th likeliest token one place after the
+     root, then the r_2-th likeliest two places after it, ... The n-gram chains are the continuations of the latest
+     earlier occurrences of the context's longest suffix (`ngram_chains`, a suffix match over the committed tokens
+     as tensor ops); the look-ahead tokens are the top-k of the previous call's look-ahead block.
+  2. scores: an n-gram node's is `ngram_prior ** depth`, a look-ahead node's the product of its path's look-ahead
+     probabilities; or, with calibrated scores (sizing.py), the measured acceptance rates of each source by depth
+     and rank.
+  3. the trie: level by level, a node whose (parent, token) repeats an earlier node's is merged into it (its children
+     move to the earlier node, which keeps the larger score);
+  4. the N best nodes by score (n-gram chains first when uncalibrated), which is a subtree because a child never
+     scores above its parent; then the ancestor mask, the positions, and M look-ahead blocks after the M best nodes.
+`build_tree` (host, per row, plain Python) is the readable reference of steps 1-4; tests check the two agree.
 """
 
 from __future__ import annotations
@@ -26,19 +37,18 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from kernels.tree_acceptance import accept_tree, accept_tree_ref
-from minipass.decoding import DecodeState, Output, SamplingParams
+from minipass.decoding import Output, SamplingParams, State, clock, commit, flag_non_finite, run, start, step_for
 from minipass.errors import MinipassError
 from minipass.lookahead import lookahead_inputs, num_lookahead
 from minipass.model import Transformer
 from minipass.sampling import ACCEPT, RESIDUAL, uniforms
 
 
-@dataclass
+@dataclass(frozen=True)
 class TreeConfig:
     nodes: int = 16  # N: candidate nodes per call (the root excluded)
     topk: int = 3  # look-ahead candidates per depth
@@ -48,18 +58,143 @@ class TreeConfig:
     ngram_len: int = 8  # tokens copied after a match
     ngram_chains: int = 2  # distinct continuations taken (most recent matches of the longest suffix first)
     ngram_prior: float = 0.6  # per-token score of an n-gram candidate (look-ahead ones score their probability)
+    pool: int = 0  # look-ahead rank paths considered per call (0 = 3 * nodes)
+    # Calibrated scores (sizing.py), or None: (look-ahead acceptance by depth and rank, L x topk; n-gram acceptance
+    # by depth, ngram_len, or by chain and depth, chains x ngram_len), each the probability that the candidate is
+    # right given that its parent was. Nested tuples, so that the config stays hashable.
+    calibrated: Optional[tuple] = None
 
     def __post_init__(self):
         if self.nodes < 1:
             raise MinipassError(f"a tree needs at least 1 candidate node, got nodes={self.nodes}")
-        if self.topk < 0 or self.blocks < 0 or self.ngram_chains < 0:
-            raise MinipassError("tree options topk, blocks and ngram_chains must be >= 0")
+        if self.topk < 0 or self.blocks < 0 or self.ngram_chains < 0 or self.pool < 0:
+            raise MinipassError("tree options topk, blocks, ngram_chains and pool must be >= 0")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise MinipassError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
+        if self.ngram_len < 1:
+            raise MinipassError(f"ngram_len must be >= 1, got {self.ngram_len}")
+
+
+# --- the static pool of candidates ------------------------------------------------------------------------------
+
+class TreeTemplate:
+    """The candidate pool of one configuration: node 0 the root, then the n-gram chain nodes (chain c, depth j+1 at
+    1 + c * ngram_len + j), then the look-ahead rank paths in breadth-first order, so a node's parent always comes
+    first. Static: built once per (config, L) on the host, used by every call."""
+
+    def __init__(self, cfg: TreeConfig, L: int, device=None):
+        C, ell = cfg.ngram_chains, cfg.ngram_len
+        parent, depth, kind = [-1], [0], [0]
+        chain_c, chain_j = [0], [0]
+        for c in range(C):
+            for j in range(ell):
+                parent.append(0 if j == 0 else len(parent) - 1)
+                depth.append(j + 1), kind.append(1), chain_c.append(c), chain_j.append(j)
+        self.paths = self.rank_paths(cfg, L)
+        where = {(): 0}
+        la_start = len(parent)
+        for path in self.paths:
+            where[path] = len(parent)
+            parent.append(where[path[:-1]])
+            depth.append(len(path)), kind.append(2), chain_c.append(0), chain_j.append(0)
+        self.P, self.la_start, self.n_chain = len(parent), la_start, C * ell
+        self.C, self.ell, self.L, self.topk = C, ell, L, cfg.topk
+        self.max_depth = max(depth)
+        # ranks[i, d]: the rank taken at depth d + 1 on look-ahead path i, or -1 past its end.
+        ranks = torch.full((len(self.paths), max(L, 1)), -1, dtype=torch.long)
+        for i, path in enumerate(self.paths):
+            ranks[i, : len(path)] = torch.tensor(path)
+        to = partial(torch.tensor, dtype=torch.long, device=device)
+        self.parent, self.depth, self.kind = to(parent), to(depth), to(kind)
+        self.chain_c, self.chain_j, self.ranks = to(chain_c), to(chain_j), ranks.to(device)
+        # Nodes of each depth, for the level-by-level merge.
+        self.levels = [to([i for i, d in enumerate(depth) if d == t]) for t in range(1, self.max_depth + 1)]
+        # Static score factors: n-gram chain nodes by depth; look-ahead (depth, rank) if calibrated.
+        if cfg.calibrated is not None:
+            la_acc, ng_acc = cfg.calibrated
+            la_acc = torch.tensor(la_acc, dtype=torch.float32)
+            ng = torch.tensor(ng_acc, dtype=torch.float32)
+            ng = (ng.expand(C, -1) if ng.dim() == 1 else ng[:C])[:, :ell].cumprod(1).reshape(-1)  # (C * ell,)
+        else:
+            la_acc, ng = None, (cfg.ngram_prior ** torch.arange(1, ell + 1, dtype=torch.float32)).repeat(C)
+        self.chain_score = torch.cat([torch.ones(1), ng, torch.zeros(len(self.paths))]).to(device)
+        self.la_static = None
+        if la_acc is not None:
+            s = [float(torch.tensor([la_acc[d, r] for d, r in enumerate(p)]).prod()) for p in self.paths]
+            self.la_static = torch.tensor(s, dtype=torch.float32, device=device)
+        # Uncalibrated, n-gram chains are taken before any look-ahead candidate; calibrated, all compete on score.
+        self.chains_first = cfg.calibrated is None
+        key_bonus = 2.0 if self.chains_first else 0.0
+        self.chain_key = self.chain_score + torch.tensor([0.0] + [key_bonus] * self.n_chain + [0.0] * len(self.paths),
+                                                         device=device)
+
+    @staticmethod
+    def rank_paths(cfg: TreeConfig, L: int) -> list:
+        """The look-ahead rank paths of the pool: the `pool` likeliest by calibrated scores, else by the bound
+        prod 1 / (r + 1) on the probability of a rank-r token (ties: shallower, then lexicographic)."""
+        if L == 0 or cfg.topk == 0 or cfg.blocks == 0:
+            return []
+        size = cfg.pool or 3 * cfg.nodes
+        acc = cfg.calibrated[0] if cfg.calibrated is not None else [[1.0 / (r + 1) for r in range(cfg.topk)]] * L
+
+        def weight(path):
+            w = 1.0
+            for d, r in enumerate(path):
+                w *= acc[d][r]
+            return w
+
+        # Best-first over the rank tree; a child never weighs more than its parent and is pushed after it.
+        frontier = [(-weight((r,)), 1, (r,)) for r in range(cfg.topk)]
+        heapq.heapify(frontier)
+        chosen = []
+        while frontier and len(chosen) < size:
+            _, d, path = heapq.heappop(frontier)
+            chosen.append(path)
+            if d < L:
+                for r in range(cfg.topk):
+                    heapq.heappush(frontier, (-weight(path + (r,)), d + 1, path + (r,)))
+        return sorted(chosen, key=lambda p: (len(p), p))
+
+
+# --- n-gram continuations from the context, as tensor ops ---------------------------------------------------------
+
+def ngram_chains(ctx: Tensor, length: Tensor, n_min: int, n_max: int, ell: int, C: int) -> Tensor:
+    """Up to C distinct continuations (B, C, ell) of the context's suffix, -1 where there is none.
+
+    ctx: (B, S) tokens by position; length: (B,) tokens in use (the last is the root). A match of the suffix of n
+    tokens ending just before position e (n <= e < length) proposes ctx[e : e + ell] (cut at length). Matches of the
+    longest suffix come first, the most recent first; a continuation equal to an earlier chosen one is skipped.
+    """
+    B, S = ctx.shape
+    dev = ctx.device
+    e = torch.arange(S, device=dev)
+    keys = torch.full((B, S), -1, dtype=torch.long, device=dev)
+    run_ = torch.ones(B, S, dtype=torch.bool, device=dev)
+    for n in range(1, n_max + 1):
+        j = n - 1  # compare ctx[e - 1 - j] with the suffix's token j places before the root
+        last = ctx.gather(1, (length - 1 - j).clamp(min=0)[:, None])  # (B, 1)
+        shifted = torch.cat([torch.full((B, j + 1), -1, dtype=ctx.dtype, device=dev), ctx[:, : S - j - 1]], 1)
+        run_ = run_ & (shifted == last) & (length[:, None] - 1 - j >= 0)
+        if n >= n_min:
+            ok = run_ & (e >= n) & (e < length[:, None])
+            keys = torch.where(ok, n * S + e, keys)  # longer suffixes first, then later positions
+    pos = e[:, None] + torch.arange(ell, device=dev)  # (S, ell)
+    cont = ctx.gather(1, pos.clamp(max=S - 1).reshape(1, -1).expand(B, -1)).view(B, S, ell)
+    cont = torch.where(pos < length[:, None, None], cont, -1)  # (B, S, ell), -1 past the context
+    chains = []
+    for _ in range(C):
+        best_key, best = keys.max(1)
+        has = best_key >= 0
+        chain = torch.where(has[:, None], cont[torch.arange(B, device=dev), best], -1)  # (B, ell)
+        chains.append(chain)
+        same = (cont == chain[:, None, :]).all(-1)  # matches proposing the same continuation
+        keys = torch.where(same, -1, keys)
+    return torch.stack(chains, 1) if chains else torch.full((B, 0, ell), -1, dtype=ctx.dtype, device=dev)
 
 
 class NgramIndex:
-    """One row's context and, for n = ngram_min..ngram_max, where each n-gram ends in it (most recent last)."""
+    """Reference for `ngram_chains` in plain Python (a test oracle): one row's context and, for n = n_min..n_max,
+    where each n-gram ends in it (most recent last)."""
 
     def __init__(self, tokens: Sequence[int], n_min: int, n_max: int):
         self.tokens: list = []
@@ -88,150 +223,289 @@ class NgramIndex:
         return out
 
 
-def build_tree(root: int, chains: list, la_tokens: Optional[list], la_probs: Optional[list], cfg: TreeConfig):
-    """A trie of at most cfg.nodes candidates under `root`: the n-gram chains first, then look-ahead paths best-first
-    by the product of their probabilities (la_tokens[d][r]: the r-th likeliest token d+1 places after the root).
+# --- the tree of one call ------------------------------------------------------------------------------------------
 
-    Returns (tokens, parents, depths, scores), node 0 being the root.
+@dataclass
+class Tree:
+    """One call's trees, (B, ...) each: node 0 is the root; padding nodes have parent -1 and see only themselves."""
+    tokens: Tensor  # (B, N+1)
+    parents: Tensor  # (B, N+1)
+    depths: Tensor  # (B, N+1)
+    scores: Tensor  # (B, N+1), -1 for padding
+    anchors: Tensor  # (B, M) node index of each look-ahead block's anchor, -1 for none
+    mask: Tensor  # (B, T, T) among the call's new tokens
+    offsets: Tensor  # (B, T) positions relative to the root
+
+
+def build_trees(tpl: TreeTemplate, N: int, M: int, root: Tensor, chains: Tensor, la_tok: Tensor, la_prob: Tensor,
+                la_valid: Tensor) -> Tree:
+    """The trees of a call for every row (B,), from the pool of `tpl` (see the module docstring, steps 1-4).
+
+    root: (B,); chains: (B, C, ell), -1 = none; la_tok, la_prob: (B, L, topk) look-ahead top-k; la_valid: (B,).
     """
+    B, dev = root.shape[0], root.device
+    P, L = tpl.P, tpl.L
+    parent = tpl.parent.expand(B, -1).clone()
+    # 1. Tokens and validity of every pool node.
+    tok = torch.zeros(B, P, dtype=torch.long, device=dev)
+    tok[:, 0] = root
+    valid = torch.zeros(B, P, dtype=torch.bool, device=dev)
+    valid[:, 0] = True
+    score = tpl.chain_score.expand(B, -1).clone()
+    key = tpl.chain_key.expand(B, -1).clone()
+    if tpl.n_chain:
+        c = chains.reshape(B, -1)  # (B, C * ell), pool order
+        tok[:, 1: 1 + tpl.n_chain] = c.clamp(min=0)
+        valid[:, 1: 1 + tpl.n_chain] = c >= 0
+    n_la = P - tpl.la_start
+    if n_la:
+        ranks = tpl.ranks  # (n_la, L)
+        depth_idx = torch.arange(ranks.shape[1], device=dev).expand_as(ranks)
+        last_d = (ranks >= 0).sum(1) - 1  # depth - 1 of each path
+        r_last = ranks.gather(1, last_d[:, None])[:, 0]
+        tok[:, tpl.la_start:] = la_tok[:, last_d, r_last]
+        valid[:, tpl.la_start:] = la_valid[:, None]
+        # 2. A look-ahead node's score: the product of its path's probabilities (or its calibrated score).
+        if tpl.la_static is not None:
+            score[:, tpl.la_start:] = tpl.la_static
+        else:
+            probs = la_prob[:, depth_idx, ranks.clamp(min=0)]  # (B, n_la, L)
+            score[:, tpl.la_start:] = torch.where(ranks >= 0, probs, 1.0).prod(-1)
+        key[:, tpl.la_start:] = score[:, tpl.la_start:]
+    # 3. The trie, level by level: merge repeats into the earliest node; children follow the survivor.
+    for level in tpl.levels:
+        par = parent[:, level]
+        # An invalid or merged parent leaves its children out (a merged parent was already redirected).
+        v = valid[:, level] & valid.gather(1, par.clamp(min=0))
+        t = tok[:, level]
+        same = (par[:, :, None] == par[:, None, :]) & (t[:, :, None] == t[:, None, :]) & v[:, None, :]
+        earlier = torch.ones(len(level), len(level), dtype=torch.bool, device=dev).tril(-1)
+        first = torch.where((same & earlier).any(-1), (same & earlier).int().argmax(-1), -1)  # (B, n): earlier twin
+        is_dup = v & (first >= 0)
+        twin = level[first.clamp(min=0)]  # pool index of the twin
+        # The survivor keeps the larger score; the duplicate leaves the pool and its children move to the twin.
+        dest = torch.where(is_dup, twin, level.expand(B, -1))
+        score = score.scatter_reduce(1, dest, torch.where(is_dup, score[:, level], -1.0), "amax")
+        key = key.scatter_reduce(1, dest, torch.where(is_dup, key[:, level], -1.0), "amax")
+        valid[:, level] = v & ~is_dup
+        redirect = torch.arange(P, device=dev).expand(B, -1).clone()
+        redirect[:, level] = torch.where(is_dup, twin, level.expand(B, -1))
+        parent = torch.where(parent >= 0, redirect.gather(1, parent.clamp(min=0)), -1)
+    # 4. The N best (chains first when uncalibrated); the root always. Stable sort: ties keep parents first.
+    key = torch.where(valid, key, -1.0)
+    key[:, 0] = 4.0
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices
+    take = order[:, : N + 1] if P >= N + 1 else torch.cat(
+        [order, order.new_zeros(B, N + 1 - P)], 1)
+    taken = key.gather(1, take) >= 0
+    if P < N + 1:
+        taken[:, P:] = False
+    # Pool order among the taken nodes keeps parents before children; padding goes last.
+    sel = torch.sort(torch.where(taken, take, P + torch.arange(N + 1, device=dev)), dim=1).values
+    real = sel < P
+    sel_c = sel.clamp(max=P - 1)
+    inv = torch.full((B, P + 1), -1, dtype=torch.long, device=dev)
+    inv.scatter_(1, torch.where(real, sel_c, P), torch.arange(N + 1, device=dev).expand(B, -1))
+    pp = parent.gather(1, sel_c)
+    parents = torch.where(real & (pp >= 0), inv.gather(1, pp.clamp(min=0)), -1)
+    parents = torch.where(real, parents, -1)
+    tokens = torch.where(real, tok.gather(1, sel_c), 0)
+    depths = torch.where(real, tpl.depth[sel_c], 0)
+    scores = torch.where(real, score.gather(1, sel_c), -1.0)
+    scores[:, 0] = 1.0
+    return _layout(tokens, parents, depths, scores, M, L, tpl.max_depth)
+
+
+def _layout(tokens: Tensor, parents: Tensor, depths: Tensor, scores: Tensor, M: int, L: int, max_depth: int) -> Tree:
+    """Ancestor mask, look-ahead blocks after the M best nodes, and positions, for trees given node by node."""
+    B, N1 = tokens.shape
+    dev = tokens.device
+    T = N1 + M * L
+    eye = torch.eye(N1, dtype=torch.bool, device=dev).expand(B, -1, -1)
+    anc = eye
+    has_parent = (parents >= 0)[:, :, None]
+    for _ in range(max_depth):  # anc[i] = {i} | anc[parent(i)], to the depth of the tree
+        anc = eye | (anc.gather(1, parents.clamp(min=0)[:, :, None].expand(-1, -1, N1)) & has_parent)
+    mask = torch.zeros(B, T, T, dtype=torch.bool, device=dev)
+    mask[:, :N1, :N1] = anc
+    offsets = torch.zeros(B, T, dtype=torch.long, device=dev)
+    offsets[:, :N1] = depths
+    anchors = torch.full((B, M), -1, dtype=torch.long, device=dev)
+    if M:
+        best = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :M]  # root first: score 1
+        anchors = torch.where(scores.gather(1, best) >= 0, best, -1)
+        tril = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+        for m in range(M):
+            rows = slice(N1 + m * L, N1 + (m + 1) * L)
+            a = anchors[:, m].clamp(min=0)
+            mask[:, rows, :N1] = anc.gather(1, a[:, None, None].expand(-1, 1, N1)).expand(-1, L, -1)
+            mask[:, rows, rows] = tril
+            offsets[:, rows] = depths.gather(1, a[:, None]) + 1 + torch.arange(L, device=dev)
+    return Tree(tokens, parents, depths, scores, anchors, mask, offsets)
+
+
+def build_tree(tpl: TreeTemplate, N: int, root: int, chains: list, la_tok: Optional[list],
+               la_prob: Optional[list]) -> tuple[list, list, list, list]:
+    """Reference for one row, in plain Python (the test oracle of `build_trees`): (tokens, parents, depths, scores).
+
+    chains: lists of tokens; la_tok[d][r], la_prob[d][r]: the r-th likeliest token d + 1 places after the root and
+    its probability, or None when the row has no look-ahead drafts."""
+    cand = [(None, root, 1.0, 4.0)]  # (pool parent, token or None, score, key), in pool order
+    for c in range(tpl.C):
+        chain = chains[c] if c < len(chains) else []
+        for j in range(tpl.ell):
+            i = len(cand)
+            cand.append((0 if j == 0 else i - 1, chain[j] if j < len(chain) else None, float(tpl.chain_score[i]),
+                         float(tpl.chain_key[i])))
+    where = {(): 0}
+    for i, path in enumerate(tpl.paths):
+        parent, where[path] = where[path[:-1]], len(cand)
+        if la_tok is None:
+            cand.append((parent, None, 0.0, -1.0))
+            continue
+        score = 1.0
+        for d, r in enumerate(path):
+            score *= la_prob[d][r]
+        if tpl.la_static is not None:
+            score = float(tpl.la_static[i])
+        cand.append((parent, la_tok[len(path) - 1][path[-1]], score, score))
+    # The trie: equal token paths are one node, which keeps the larger score and key and the first pool index.
+    token_path = {0: ()}
+    best = {}
+    for i, (parent, tok, score, key) in enumerate(cand[1:], 1):
+        if tok is None or parent not in token_path:
+            continue
+        path = token_path[parent] + (tok,)
+        token_path[i] = path
+        old = best.get(path)
+        best[path] = (key, score, i) if old is None else (max(old[0], key), max(old[1], score), old[2])
+    # The N best by key (ties: pool order), laid out in pool order.
+    chosen = sorted(sorted(best, key=lambda p: (-best[p][0], best[p][2]))[:N], key=lambda p: best[p][2])
+    index = {(): 0}
     tokens, parents, depths, scores = [root], [-1], [0], [1.0]
-    index = {}
-
-    def add(parent: int, tok: int, score: float) -> Optional[int]:
-        node = index.get((parent, tok))
-        if node is not None:
-            scores[node] = max(scores[node], score)
-            return node
-        if len(tokens) > cfg.nodes:
-            return None
-        index[(parent, tok)] = len(tokens)
-        tokens.append(tok), parents.append(parent), depths.append(depths[parent] + 1), scores.append(score)
-        return len(tokens) - 1
-
-    for chain in chains:
-        node, score = 0, 1.0
-        for tok in chain:
-            score *= cfg.ngram_prior
-            node = add(node, tok, score)
-            if node is None:
-                break
-    if la_tokens and cfg.topk:
-        heap = [(-la_probs[0][r], 0, 0, r) for r in range(cfg.topk)]
-        while heap:
-            neg, parent, d, r = heapq.heappop(heap)
-            node = add(parent, la_tokens[d][r], -neg)
-            if node is None:
-                break
-            if d + 1 < len(la_tokens):
-                for r2 in range(cfg.topk):
-                    heapq.heappush(heap, (neg * la_probs[d + 1][r2], node, d + 1, r2))
+    for p in chosen:
+        index[p] = len(tokens)
+        tokens.append(p[-1]), parents.append(index[p[:-1]]), depths.append(len(p)), scores.append(best[p][1])
     return tokens, parents, depths, scores
 
 
-class TreeBatch:
-    """The static-shape tensors of one call for a batch of trees (see the module docstring for the layout)."""
+# --- verification --------------------------------------------------------------------------------------------------
 
-    def __init__(self, trees: list, N: int, M: int, L: int, device):
-        B, T = len(trees), 1 + N + M * L
-        tokens = np.zeros((B, T), dtype=np.int64)
-        parents = np.full((B, N + 1), -1, dtype=np.int64)
-        offsets = np.zeros((B, T), dtype=np.int64)
-        mask = np.zeros((B, T, T), dtype=bool)
-        block_at = np.full((B, N + 1), -1, dtype=np.int64)  # call index of the block after node i, or -1
-        idx = np.arange(T)
-        mask[:, idx, idx] = True  # padding nodes see only themselves
-        self.has_child = []
-        for b, (tok, par, dep, score) in enumerate(trees):
-            n = len(tok)
-            tokens[b, :n], parents[b, :n], offsets[b, :n] = tok, par, dep
-            for i in range(1, n):  # parents come first, so a parent's row already holds its ancestors
-                mask[b, i, :n] |= mask[b, par[i], :n]
-            self.has_child.append(np.isin(np.arange(n), par[1:]))
-            # Blocks after the M likeliest nodes (the root first: its score is 1).
-            for m, a in enumerate(sorted(range(n), key=lambda i: -score[i])[:M]):
-                start = 1 + N + m * L
-                block_at[b, a] = start
-                rows = slice(start, start + L)
-                mask[b, rows, :n] = mask[b, a, :n]
-                mask[b, rows, rows] = np.tril(np.ones((L, L), dtype=bool))
-                offsets[b, rows] = dep[a] + 1 + np.arange(L)
-        self.T = T
-        to = lambda x: torch.from_numpy(x).to(device)  # noqa: E731
-        self.tokens, self.parents, self.offsets = to(tokens), to(parents), to(offsets)
-        self.mask, self.block_at = to(mask), to(block_at)
+def verify_tree(model: Transformer, sampling: SamplingParams, logits: Tensor, tree: Tree, u_accept: Tensor,
+                u_sample: Tensor, max_depth: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(emitted tokens (B, N+1), accepted path (B, N), its length (B,), logits finite (B,)) for targets (B, N+1, V).
+
+    Greedy walks the tree along the argmax: a child is accepted iff its token is its parent's argmax."""
+    B, N1 = tree.tokens.shape
+    dev = tree.tokens.device
+    if sampling.greedy:
+        top, target = logits.max(-1)  # (B, N+1)
+        ok = torch.isfinite(top).all(-1)
+        cur = torch.zeros(B, dtype=torch.long, device=dev)
+        n_acc = torch.zeros(B, dtype=torch.long, device=dev)
+        path = torch.full((B, max(N1 - 1, 1)), -1, dtype=torch.long, device=dev)
+        going = torch.ones(B, dtype=torch.bool, device=dev)
+        for d in range(min(max_depth, N1 - 1)):
+            want = target.gather(1, cur[:, None])  # (B, 1)
+            hit = (tree.parents == cur[:, None]) & (tree.tokens == want)
+            going = going & hit.any(1)
+            child = hit.int().argmax(1)
+            path[:, d] = torch.where(going, child, -1)
+            cur = torch.where(going, child, cur)
+            n_acc = n_acc + going.long()
+        path = path[:, : N1 - 1]
+        out = torch.cat([tree.tokens.gather(1, path.clamp(min=0)), target.new_zeros(B, 1)], 1)
+        out = out.scatter(1, n_acc[:, None], target.gather(1, cur[:, None]))
+        return out, path, n_acc, ok
+    ok = torch.isfinite(logits.amax(-1)).all(-1)
+    fn = partial(accept_tree, check_values=False) if model.use_triton else accept_tree_ref
+    out, path, n_acc = fn(sampling.probs(logits), tree.tokens, tree.parents, u_accept, u_sample)
+    return out, path, n_acc.clamp(min=0), ok & (n_acc >= 0)
+
+
+def count_depths(st: State, tree: Tree, path: Tensor, n_acc: Tensor) -> State:
+    """Per depth k: attempted when the path reached depth k at a node with children, accepted when it went on."""
+    B, N1 = tree.tokens.shape
+    dev = path.device
+    has_child = (tree.parents[:, None, :] == torch.arange(N1, device=dev)[None, :, None]).any(-1)  # (B, N+1)
+    on_path = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), path.clamp(min=0)], 1)[:, : N1 - 1]
+    k = torch.arange(N1 - 1, device=dev)
+    active = ~st["finished"][:, None]
+    attempted = (k <= n_acc[:, None]) & has_child.gather(1, on_path) & active
+    accepted = (k < n_acc[:, None]) & active
+    return dict(st, attempted=st["attempted"] + attempted.sum(0), accepted=st["accepted"] + accepted.sum(0))
+
+
+# --- the step ------------------------------------------------------------------------------------------------------
+
+def tree_step(model: Transformer, st: State, sampling: SamplingParams, cfg: TreeConfig, tpl: TreeTemplate,
+              la: Optional[Tensor], adds: Optional[Tensor]) -> State:
+    N, M, L = cfg.nodes, (cfg.blocks if tpl.L else 0), tpl.L
+    seq, seeds = st["seqlens"], st["seeds"]
+    B, dev = seq.shape[0], seq.device
+    chains = ngram_chains(st["tokens"], seq + 1, cfg.ngram_min, cfg.ngram_max, cfg.ngram_len, cfg.ngram_chains)
+    tree = build_trees(tpl, N, M, st["pending"], chains, st["la_tok"], st["la_prob"], st["la_valid"])
+
+    embeds = model.embed(tree.tokens)  # (B, N+1, dim)
+    if M:
+        embeds = torch.cat([embeds, la], dim=1)
+    # Every row's logits are needed: the target after each node, and each block, since which one seeds the next
+    # tree is known only after verification. One head call on all of them.
+    logits = model(embeds=embeds, input_pos=seq[:, None] + tree.offsets, cache_seqlens=seq, mask=tree.mask,
+                   layer_adds=adds)  # (B, T, V)
+    node_ids = torch.arange(N + 1, device=dev)
+    call_key = (seq + 1) * (N + 1)  # uniforms keyed by the call (seqlens + 1 is new every call) and the node
+    out, path, n_acc, ok = verify_tree(model, sampling, logits[:, : N + 1], tree,
+                                       uniforms(seeds, call_key[:, None] + node_ids, ACCEPT),
+                                       uniforms(seeds, seq + 1, RESIDUAL), tpl.max_depth)
+    st = flag_non_finite(st, ok, seq + 1)
+    st = count_depths(st, tree, path, n_acc)
+
+    # The accepted nodes' K/V move from slot seqlens + node to seqlens + 1 + i.
+    dst = seq[:, None] + node_ids[1:]
+    src = torch.where(path >= 0, seq[:, None] + path, dst)
+    model.move_cache_slots(src, dst)
+
+    if M:  # look-ahead top-k for the next tree: the block after the node where the path ended, if it has one
+        end = torch.where(n_acc > 0, path.gather(1, (n_acc - 1).clamp(min=0)[:, None])[:, 0], 0)
+        is_end = tree.anchors == end[:, None]  # (B, M)
+        has_block = is_end.any(1)
+        rows = N + 1 + is_end.int().argmax(1)[:, None] * L + torch.arange(L, device=dev)  # (B, L)
+        la_logits = logits.gather(1, rows[:, :, None].expand(-1, -1, logits.shape[-1]))
+        top = torch.softmax(la_logits.float(), -1).topk(cfg.topk, dim=-1)
+        st = dict(st, la_tok=top.indices, la_prob=top.values, la_valid=has_block & ~st["finished"])
+    return commit(st, out, n_acc + 1, advance=n_acc + 1)[0]
+
+
+def _with_inputs(step, model, st, **kw):
+    return step(model, st, **kw)
 
 
 @torch.no_grad()
 def tree_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                 sampling: SamplingParams = SamplingParams(), seeds: Optional[Sequence[int]] = None,
                 stop_ids: Sequence[int] = (), on_tokens: Optional[Callable] = None, *,
-                lookahead: Optional[Tensor] = None, tree: TreeConfig = TreeConfig()) -> Output:
+                lookahead: Optional[Tensor] = None, tree: TreeConfig = TreeConfig(), compile=False,
+                check_every: Optional[int] = None, cache_len: Optional[int] = None) -> Output:
     """Token-tree decoding. lookahead None (or tree.blocks == 0) drafts from context n-grams only."""
     L = 0 if lookahead is None or tree.blocks == 0 else num_lookahead(model, lookahead)
     M = tree.blocks if L else 0
     N = tree.nodes
     T = 1 + N + M * L
-    st = DecodeState(model, prompts, max_new_tokens, sampling, seeds, stop_ids, slots_per_step=T,
-                     on_tokens=on_tokens)
-    attempted, accepted = [0] * N, [0] * N  # per depth, counted on the host where the trees live
-    B, dev = st.B, st.device
-    contexts = [NgramIndex(p, tree.ngram_min, tree.ngram_max) for p in prompts]
-    la_embeds, adds = lookahead_inputs(lookahead, M, N + 1, B) if M else (None, None)  # (B, M * L, dim), additions
-    la_top = [None] * B  # per row: (tokens (L, k), probs (L, k)) from the last call's block, if it had one
-    node_ids = torch.arange(N + 1, device=dev)
-    verify = partial(accept_tree, check_values=False) if model.use_triton else accept_tree_ref
-    pending = [p[-1] for p in prompts]
-    while True:
-        trees = []
-        for b in range(B):
-            chains = contexts[b].continuations(tree.ngram_len, tree.ngram_chains) if tree.ngram_chains else []
-            tops = la_top[b]
-            trees.append(build_tree(pending[b], chains, tops and tops[0], tops and tops[1], tree))
-        batch = TreeBatch(trees, N, M, L, dev)
-
-        embeds = model.embed(batch.tokens)  # (B, T, dim)
-        if M:
-            embeds = torch.cat([embeds[:, : N + 1], la_embeds], dim=1)
-        hidden = model(embeds=embeds, input_pos=st.seqlens[:, None] + batch.offsets, cache_seqlens=st.seqlens,
-                       mask=batch.mask, kv_len=st.host_max_len + T, return_hidden=True, layer_adds=adds)
-        p = sampling.probs(model.head(hidden[:, : N + 1]))  # (B, N+1, V): the target after every node
-        # Uniforms keyed by the call (seqlens + 1 is new every call) and the node.
-        call_key = (st.seqlens + 1) * (N + 1)
-        out, path, n_acc = verify(p, batch.tokens[:, : N + 1], batch.parents,
-                                  uniforms(st.seeds, call_key[:, None] + node_ids, ACCEPT),
-                                  uniforms(st.seeds, st.seqlens + 1, RESIDUAL))
-
-        # The accepted nodes' K/V move from slot seqlens + node to seqlens + 1 + i.
-        i = node_ids[1:]
-        dst = st.seqlens[:, None] + i
-        src = torch.where(path >= 0, st.seqlens[:, None] + path, dst)
-        model.move_cache_slots(src, dst)
-
-        # Look-ahead distributions for the next tree: the block after the node where the path ended.
-        if M:
-            end = torch.where(n_acc > 0, path.gather(1, (n_acc - 1).clamp(min=0)[:, None])[:, 0], 0)
-            start = batch.block_at.gather(1, end[:, None])[:, 0]
-            rows = (start.clamp(min=0)[:, None] + torch.arange(L, device=dev))[:, :, None]
-            la_logits = model.head(hidden.gather(1, rows.expand(-1, -1, hidden.shape[-1])))  # (B, L, V)
-            top = torch.softmax(la_logits.float(), -1).topk(tree.topk, dim=-1)
-        keep = st.commit(out, n_acc + 1, advance=n_acc + 1)
-
-        # The step's host sync: what was emitted (for the contexts and the next roots), the look-ahead top-k.
-        keep_h, out_h, n_acc_h, path_h = keep.tolist(), out.tolist(), n_acc.tolist(), path.tolist()
-        if M:
-            has_block, top_tok, top_p = (start >= 0).tolist(), top.indices.tolist(), top.values.tolist()
-        for b in range(B):
-            if keep_h[b] == 0:
-                continue
-            count_depths(attempted, accepted, batch.has_child[b], path_h[b], n_acc_h[b])
-            contexts[b].extend(out_h[b][: keep_h[b]])
-            pending[b] = out_h[b][keep_h[b] - 1]
-            la_top[b] = (top_tok[b], top_p[b]) if M and has_block[b] else None
-        if st.done():
-            break
-    result = st.result()
-    result.stats.attempted, result.stats.accepted = attempted, accepted
-    return result
+    dev = model.embed_tokens.weight.device
+    tpl = TreeTemplate(tree, L, dev)
+    t0 = clock(model)
+    st = start(model, prompts, max_new_tokens, seeds, stop_ids, width=T, draft_positions=N, cache_len=cache_len)
+    B = len(prompts)
+    k = max(tree.topk, 1)
+    st["la_tok"] = torch.zeros(B, max(L, 1), k, dtype=torch.long, device=dev)
+    st["la_prob"] = torch.zeros(B, max(L, 1), k, device=dev)
+    st["la_valid"] = torch.zeros(B, dtype=torch.bool, device=dev)
+    la, adds = lookahead_inputs(lookahead, M, N + 1, B) if M else (None, None)  # (B, M * L, dim), additions
+    key = ("tree", sampling, tree, L, B) + ((id(lookahead), lookahead.dtype) if M else ())
+    step = step_for(partial(_with_inputs, tree_step, sampling=sampling, cfg=tree, tpl=tpl, la=la, adds=adds),
+                    key, model, compile)
+    return run(model, step, st, on_tokens, check_every, t0)
 
 
 NGRAM = TreeConfig(nodes=8, blocks=0, ngram_len=8, ngram_chains=1)
@@ -241,20 +515,8 @@ NGRAM = TreeConfig(nodes=8, blocks=0, ngram_len=8, ngram_chains=1)
 def ngram_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: SamplingParams = SamplingParams(), seeds: Optional[Sequence[int]] = None,
                  stop_ids: Sequence[int] = (), on_tokens: Optional[Callable] = None, *,
-                 tree: TreeConfig = NGRAM) -> Output:
+                 tree: TreeConfig = NGRAM, compile=False, check_every: Optional[int] = None,
+                 cache_len: Optional[int] = None) -> Output:
     """Prompt lookup: one chain copied from what followed the context's latest suffix match, verified exactly."""
     return tree_decode(model, prompts, max_new_tokens, sampling, seeds, stop_ids, on_tokens, lookahead=None,
-                       tree=tree)
-
-
-def count_depths(attempted: list, accepted: list, has_child, path: list, n_acc: int) -> None:
-    """Per depth k: attempted when the path reached depth k at a node with children, accepted when it went on."""
-    node = 0
-    for k in range(len(attempted)):
-        if not has_child[node]:
-            return
-        attempted[k] += 1
-        if k >= n_acc:
-            return
-        accepted[k] += 1
-        node = path[k]
+                       tree=tree, compile=compile, check_every=check_every, cache_len=cache_len)

@@ -24,42 +24,89 @@ def test_ngram_index_prefers_longest_then_latest_match():
     assert td.NgramIndex([1, 2, 3], 1, 3).continuations(4, 2) == []
 
 
-def test_build_tree_merges_sources_and_respects_the_budget():
-    cfg = td.TreeConfig(nodes=6, topk=2)
-    la_tokens = [[10, 11], [20, 21]]
-    la_probs = [[0.6, 0.3], [0.5, 0.4]]
-    tokens, parents, depths, scores = td.build_tree(99, [[10, 30, 31]], la_tokens, la_probs, cfg)
-    assert len(tokens) == 7 and tokens[0] == 99 and parents[0] == -1
-    # The n-gram chain 10-30-31 comes first; look-ahead token 10 reuses its node instead of a duplicate.
-    assert tokens[1:4] == [10, 30, 31] and parents[1:4] == [0, 1, 2]
-    assert sum(1 for t, p in zip(tokens, parents) if (t, p) == (10, 0)) == 1
-    for i in range(1, len(tokens)):
-        assert 0 <= parents[i] < i and depths[i] == depths[parents[i]] + 1
-    siblings = {}
-    for t, p in zip(tokens[1:], parents[1:]):
-        assert (p, t) not in siblings  # no duplicate sibling
-        siblings[(p, t)] = True
+@pytest.mark.parametrize("n_min, n_max, ell, C", [(1, 3, 4, 2), (2, 2, 3, 3), (1, 1, 5, 1)])
+def test_device_ngram_chains_equal_the_host_index(n_min, n_max, ell, C):
+    g = torch.Generator().manual_seed(0)
+    B, S = 16, 40
+    ctx = torch.randint(0, 4, (B, S), generator=g)  # a small alphabet: many repeats
+    length = torch.randint(1, S + 1, (B,), generator=g)
+    got = td.ngram_chains(ctx, length, n_min, n_max, ell, C)
+    for b in range(B):
+        want = td.NgramIndex(ctx[b, : length[b]].tolist(), n_min, n_max).continuations(ell, C)
+        rows = [[t for t in row if t >= 0] for row in got[b].tolist()]
+        assert rows[: len(want)] == want and all(not r for r in rows[len(want):])
 
 
-def test_tree_batch_mask_is_ancestors_plus_blocks():
-    cfg = td.TreeConfig(nodes=4, topk=2, blocks=2)
-    tree = td.build_tree(7, [[1, 2]], [[3, 4]], [[0.9, 0.05]], cfg)
-    batch = td.TreeBatch([tree], N=4, M=2, L=1, device="cpu")
-    toks, par, dep, _ = tree
-    m = batch.mask[0]
-    for i in range(len(toks)):
-        anc, j = set(), i
-        while j >= 0:
-            anc.add(j)
-            j = par[j]
-        assert {j for j in range(len(toks)) if m[i, j]} == anc
-    # A block row sees its node's ancestors, the node, and itself.
-    for i in range(len(toks)):
-        start = int(batch.block_at[0, i])
-        if start >= 0:
-            seen = set(torch.nonzero(m[start]).flatten().tolist())
-            assert seen == {j for j in range(len(toks)) if m[i, j]} | {start}
-            assert int(batch.offsets[0, start]) == dep[i] + 1
+def random_seeds(g, B, L, k, V):
+    """Look-ahead top-k per row: distinct tokens per depth (some shared with the chains), sorted probabilities."""
+    tok = torch.stack([torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(L)]) for _ in range(B)])
+    prob = torch.rand(B, L, k, generator=g).sort(-1, descending=True).values * 0.9
+    return tok, prob
+
+
+@pytest.mark.parametrize("cfg, L", [(td.TreeConfig(nodes=6, topk=2, ngram_len=3, ngram_chains=2), 3),
+                                    (td.TreeConfig(nodes=16, topk=3), 4),
+                                    (td.TreeConfig(nodes=9, topk=3, ngram_len=4, ngram_chains=1, pool=40), 5),
+                                    (td.TreeConfig(nodes=5, blocks=0, ngram_len=5, ngram_chains=1), 0),
+                                    (td.TreeConfig(nodes=7, topk=2, ngram_len=3, ngram_chains=1,
+                                                   calibrated=(((0.5, 0.2),) * 3, (0.6, 0.5, 0.4))), 3)],
+                         ids=["small", "default", "deep", "ngram-only", "calibrated"])
+def test_device_trees_equal_the_host_reference(cfg, L):
+    """build_trees (all rows at once, tensor ops) builds the same tries as build_tree (one row, plain Python), over
+    random rows whose n-gram chains and look-ahead candidates share tokens, so the merge is exercised."""
+    g = torch.Generator().manual_seed(1)
+    B, V, M = 24, 6, (cfg.blocks if L else 0)
+    tpl = td.TreeTemplate(cfg, L)
+    root = torch.randint(0, V, (B,), generator=g)
+    chains = torch.randint(0, V, (B, cfg.ngram_chains, cfg.ngram_len), generator=g)
+    cut = torch.randint(0, cfg.ngram_len + 1, (B, cfg.ngram_chains), generator=g)
+    chains = torch.where(torch.arange(cfg.ngram_len) < cut[:, :, None], chains, -1)  # chains of any length
+    la_tok, la_prob = random_seeds(g, B, max(L, 1), max(cfg.topk, 1), V)
+    la_valid = torch.rand(B, generator=g) < 0.8
+    tree = td.build_trees(tpl, cfg.nodes, M, root, chains, la_tok, la_prob, la_valid)
+    merged = 0
+    for b in range(B):
+        rows = [[t for t in c if t >= 0] for c in chains[b].tolist()]
+        ok = bool(la_valid[b])
+        want = td.build_tree(tpl, cfg.nodes, int(root[b]), rows, la_tok[b].tolist() if ok else None,
+                             la_prob[b].tolist() if ok else None)
+        n = len(want[0])
+        assert tree.tokens[b, :n].tolist() == want[0]
+        assert tree.parents[b].tolist() == want[1] + [-1] * (cfg.nodes + 1 - n)
+        assert tree.depths[b, :n].tolist() == want[2]
+        torch.testing.assert_close(tree.scores[b, :n], torch.tensor(want[3]))
+        siblings = list(zip(want[1][1:], want[0][1:]))
+        assert len(set(siblings)) == len(siblings)  # a trie: no two children of a node share a token
+        merged += n - 1 < cfg.nodes
+    assert merged > 0 or cfg.nodes <= 6  # some rows had fewer candidates than the budget
+
+
+def test_tree_mask_is_ancestors_plus_blocks():
+    cfg = td.TreeConfig(nodes=6, topk=2, blocks=2, ngram_len=2, ngram_chains=1)
+    L, B = 2, 4
+    g = torch.Generator().manual_seed(2)
+    tpl = td.TreeTemplate(cfg, L)
+    la_tok, la_prob = random_seeds(g, B, L, 2, 9)
+    tree = td.build_trees(tpl, cfg.nodes, cfg.blocks, torch.full((B,), 8), torch.tensor([[[1, 2]]] * B),
+                          la_tok, la_prob, torch.ones(B, dtype=torch.bool))
+    N1 = cfg.nodes + 1
+    for b in range(B):
+        par, m = tree.parents[b].tolist(), tree.mask[b]
+        for i in range(N1):
+            anc, j = set(), i
+            while j >= 0:
+                anc.add(j)
+                j = par[j]
+            assert {j for j in range(N1 + cfg.blocks * L) if m[i, j]} == anc
+        # Block m after its anchor: the anchor's ancestors, the anchor, and the block's tokens up to itself.
+        assert tree.anchors[b, 0] == 0  # the root is the likeliest node
+        for k in range(cfg.blocks):
+            a = int(tree.anchors[b, k])
+            for i in range(L):
+                row = N1 + k * L + i
+                seen = set(torch.nonzero(m[row]).flatten().tolist())
+                assert seen == {j for j in range(N1) if m[a, j]} | set(range(N1 + k * L, row + 1))
+                assert int(tree.offsets[b, row]) == int(tree.depths[b, a]) + 1 + i
 
 
 @pytest.mark.parametrize("variant", ["tree", "tree-lookahead-only", "ngram"])
@@ -131,18 +178,18 @@ def test_tree_candidates_come_from_the_per_layer_additions(tiny16, monkeypatch):
     la = per_layer_lookahead(tiny16, 3)
     cfg = td.TreeConfig(nodes=6, topk=2, blocks=1, ngram_chains=0)
     want = torch.softmax(tiny16.head(drafting_call(tiny16, torch.tensor([PROMPT]), len(PROMPT) - 1, la))[0], -1)
-    seen, real = [], td.build_tree
+    seen, real = [], td.build_trees
 
-    def spy(root, chains, top_tokens, top_probs, tree):
-        seen.append((top_tokens, top_probs))
-        return real(root, chains, top_tokens, top_probs, tree)
+    def spy(tpl, N, M, root, chains, la_tok, la_prob, la_valid):
+        seen.append((la_tok.clone(), la_prob.clone(), la_valid.clone()))
+        return real(tpl, N, M, root, chains, la_tok, la_prob, la_valid)
 
-    monkeypatch.setattr(td, "build_tree", spy)
+    monkeypatch.setattr(td, "build_trees", spy)
     td.tree_decode(tiny16, [PROMPT], 3, lookahead=la, tree=cfg)
-    assert seen[0] == (None, None)  # the first call has no look-ahead block before it
+    assert not seen[0][2].any()  # the first call has no look-ahead block before it
     top = want.topk(2, dim=-1)
-    assert seen[1][0] == top.indices.tolist()
-    torch.testing.assert_close(torch.tensor(seen[1][1]), top.values, atol=1e-5, rtol=1e-5)
+    assert seen[1][2].all() and seen[1][0][0].tolist() == top.indices.tolist()
+    torch.testing.assert_close(seen[1][1][0], top.values, atol=1e-5, rtol=1e-5)
 
 
 def fallback_keeps_rejected(p, tokens, parents, u_accept, u_sample):

@@ -1,0 +1,164 @@
+"""The decoding step: compiled whole with fullgraph=True, no host synchronisation inside, non-finite logits caught."""
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import minipass.decoding as dec
+from minipass.decoding import SamplingParams, ar_decode
+from minipass.errors import MinipassError
+from minipass.lookahead import init_lookahead
+from minipass.pass_decoding import pass1_decode, pass_decode
+from minipass.tree_decoding import TreeConfig, ngram_decode, tree_decode
+from tests.util import per_layer_lookahead, tiny_model
+
+PROMPTS = [[5, 6, 7, 1, 6, 7, 2, 9, 6, 7, 2, 9], [3, 1, 4, 1, 5, 9, 2, 6], [8, 8, 8]]
+TREE = TreeConfig(nodes=6, topk=2, blocks=2, ngram_len=3, ngram_chains=2)
+
+
+def decoders(model):
+    la = per_layer_lookahead(model, 3)
+    return {
+        "ar": ar_decode,
+        "pass": lambda *a, **k: pass_decode(*a, lookahead=la, **k),
+        "pass1": lambda *a, **k: pass1_decode(*a, lookahead=la, **k),
+        "ngram": ngram_decode,
+        "tree": lambda *a, **k: tree_decode(*a, lookahead=la, tree=TREE, **k),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("tiny", seed=3)
+
+
+# Inductor's defaults: freezing and GEMM autotuning (the CPU defaults of compile_options) cost minutes of compile
+# time and change nothing about whether the step is one graph.
+COMPILE = {"options": {}}
+
+
+@pytest.mark.parametrize("mode", ["ar", "pass", "pass1", "ngram", "tree"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_step_compiles_whole_and_decodes_like_eager(tiny, mode, temperature):
+    """torch.compile(fullgraph=True) accepts every mode's step (a graph break would raise), and the compiled step
+    decodes what the eager one does; greedy, that is autoregressive greedy output."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    dec._COMPILED.clear()
+    decode = decoders(tiny)[mode]
+    sp = SamplingParams(temperature, 5 if temperature else 0)
+    eager = decode(tiny, PROMPTS, 12, sp, seeds=[1, 2, 3])
+    compiled = decode(tiny, PROMPTS, 12, sp, seeds=[1, 2, 3], compile=COMPILE)
+    assert compiled.tokens == eager.tokens
+    assert compiled.stats.calls == eager.stats.calls
+    if temperature == 0:
+        assert compiled.tokens == ar_decode(tiny, PROMPTS, 12).tokens
+
+
+class HostSyncs(TorchFunctionMode):
+    """Counts the tensor operations that make the host wait for the device: reading values back (item, tolist,
+    numpy, bool/int/float conversion: a Python branch on a tensor) and data-dependent shapes (nonzero, a boolean
+    mask index, unique). On CUDA each one stalls the launch queue; inside a step none may happen."""
+
+    NAMES = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero", "unique",
+             "masked_select", "argwhere", "cpu"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.NAMES:
+            self.calls.append(name)
+        if name in ("__getitem__", "__setitem__") and len(args) > 1:
+            idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in idx):
+                self.calls.append("boolean mask index")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["ar", "pass", "pass1", "ngram", "tree"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_no_host_sync_inside_a_step(tiny, mode, temperature, monkeypatch):
+    """Every host synchronisation of a decode call happens in run()'s look at the state (one per check), none
+    inside the step: the counter wraps the steps only."""
+    counts, real_run = [], dec.run
+
+    def counting_run(model, step, st, *args, **kwargs):
+        def counted(m, s):
+            with HostSyncs() as h:
+                out = step(m, s)
+            counts.append(list(h.calls))
+            return out
+        return real_run(model, counted, st, *args, **kwargs)
+
+    for module in ("minipass.decoding", "minipass.pass_decoding", "minipass.tree_decoding"):
+        monkeypatch.setattr(f"{module}.run", counting_run)
+    decoders(tiny)[mode](tiny, PROMPTS, 10, SamplingParams(temperature, 5 if temperature else 0), seeds=[1, 2, 3])
+    assert counts and all(c == [] for c in counts), f"host syncs inside the step: {counts[:3]}"
+
+
+def test_host_sync_counter_sees_syncs():
+    with HostSyncs() as h:
+        x = torch.arange(4)
+        x.tolist(), bool(x[0]), x[x > 1], x.nonzero()
+    assert h.calls == ["tolist", "__bool__", "boolean mask index", "nonzero"]
+
+
+# --- non-finite logits --------------------------------------------------------------------------------------------
+
+def poisoned(model, where: str):
+    """A copy of the model with one NaN weight: a corrupt checkpoint."""
+    bad = tiny_model("tiny", seed=3)
+    bad.load_state_dict(model.state_dict())
+    w = dict(bad.named_parameters())[where]
+    w.data.view(-1)[7] = float("nan")
+    return bad
+
+
+@pytest.mark.parametrize("mode", ["ar", "pass", "pass1", "ngram", "tree"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_non_finite_logits_end_decoding_with_one_clear_error(tiny, mode, temperature):
+    bad = poisoned(tiny, "layers.1.mlp.down_proj.weight")
+    with pytest.raises(MinipassError, match=r"non-finite logits \(NaN or inf\) for batch row 0 at token position "
+                                            r"12: .*--check-weights.*--dtype fp32"):
+        decoders(bad)[mode](bad, PROMPTS, 10, SamplingParams(temperature), seeds=[1, 2, 3])
+
+
+def overflow_after(model, row: int, calls: int):
+    """Make the head give +inf logits for one batch row after its first `calls` decoding calls (the prefill
+    does not use the head)."""
+    real = model.head
+
+    def head(h):
+        out = real(h)
+        head.calls += 1
+        if head.calls > calls:
+            out[row] = float("inf")
+        return out
+
+    head.calls = 0
+    model.head = head
+
+
+def test_a_row_that_overflows_later_is_named(tiny):
+    """Only row 1's logits go non-finite, from its 4th new token on (prompt of 8 tokens: position 11): the error
+    names that row and position, and the step never fed an out-of-vocabulary index to the embedding on the way."""
+    model = tiny_model("tiny", seed=3)
+    model.load_state_dict(tiny.state_dict())
+    overflow_after(model, row=1, calls=3)
+    with pytest.raises(MinipassError, match="batch row 1 at token position 11"):
+        ar_decode(model, PROMPTS, 10, SamplingParams(0.8), seeds=[1, 2, 3])
+
+
+def test_finished_rows_are_not_checked(tiny):
+    """A row that stopped is not checked any more: what it computes is discarded."""
+    first = ar_decode(tiny, PROMPTS, 1).tokens[2][0]
+    want = ar_decode(tiny, PROMPTS, 6, stop_ids=[first]).tokens
+    assert want[2] == [first] and len(want[0]) > 1  # row 2 stops at once, row 0 goes on
+    model = tiny_model("tiny", seed=3)
+    model.load_state_dict(tiny.state_dict())
+    overflow_after(model, row=2, calls=1)  # row 2's one token
+    assert ar_decode(model, PROMPTS, 6, stop_ids=[first]).tokens == want
