@@ -25,7 +25,7 @@ from pathlib import Path
 
 from minipass.decoding import SamplingParams, ar_decode
 from minipass.errors import MinipassError
-from minipass.generate import add_model_args
+from minipass.cli import add_model_args, run_cli
 from minipass.train_lookahead import stdlib_files
 
 
@@ -72,51 +72,50 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def distill(args: argparse.Namespace) -> None:
+    from minipass.loading import load_checkpoint
+
+    if args.num < 1 or args.batch_size < 1:
+        raise MinipassError("--num and --batch-size must be at least 1")
+    sampling = SamplingParams(args.temperature)
+    model, tok, _ = load_checkpoint(args.ckpt, args.dtype, args.device)
+    chat = args.source == "sharegpt"
+    prompts = sharegpt_train_prompts(args.num, args.seed) if chat else code_prompts(args.num, args.seed)
+    texts = [tok.chat_prompt(p) if chat else p for p in prompts]
+    ids = [tok.encode(t) for t in texts]
+    room = model.args.max_seq_len - args.max_new_tokens - 1
+    # Similar lengths batched together waste less attention on padding.
+    order = sorted((i for i in range(len(ids)) if len(ids[i]) <= room), key=lambda i: len(ids[i]))
+    records, t0, new_tokens = {}, time.perf_counter(), 0
+    for start in range(0, len(order), args.batch_size):
+        batch = order[start: start + args.batch_size]
+        out = ar_decode(model, [ids[i] for i in batch], args.max_new_tokens, sampling,
+                        seeds=[args.seed + i for i in batch], stop_ids=tok.eos_ids)
+        for i, gen in zip(batch, out.tokens):
+            new_tokens += len(gen)
+            ended = bool(gen) and gen[-1] in tok.eos_ids
+            if chat and ended:
+                records[i] = {"messages": [{"role": "user", "content": prompts[i]},
+                                           {"role": "assistant", "content": tok.decode(gen)}]}
+            else:
+                records[i] = {"text": texts[i] + tok.decode(gen)}
+        dt = time.perf_counter() - t0
+        print(f"\r{len(records)}/{len(order)} prompts  {new_tokens} tokens  {new_tokens / dt:.0f} tokens/s",
+              end="", file=sys.stderr, flush=True)
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i in sorted(records):
+            f.write(json.dumps(records[i], ensure_ascii=False) + "\n")
+    tmp.replace(out_path)
+    print(f"\nwrote {len(records)} continuations ({new_tokens} tokens) to {out_path} in "
+          f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        from minipass.loading import load_checkpoint
-
-        if args.num < 1 or args.batch_size < 1:
-            raise MinipassError("--num and --batch-size must be at least 1")
-        sampling = SamplingParams(args.temperature)
-        model, tok, _ = load_checkpoint(args.ckpt, args.dtype, args.device)
-        chat = args.source == "sharegpt"
-        prompts = sharegpt_train_prompts(args.num, args.seed) if chat else code_prompts(args.num, args.seed)
-        texts = [tok.chat_prompt(p) if chat else p for p in prompts]
-        ids = [tok.encode(t) for t in texts]
-        room = model.args.max_seq_len - args.max_new_tokens - 1
-        # Similar lengths batched together waste less attention on padding.
-        order = sorted((i for i in range(len(ids)) if len(ids[i]) <= room), key=lambda i: len(ids[i]))
-        records, t0, new_tokens = {}, time.perf_counter(), 0
-        for start in range(0, len(order), args.batch_size):
-            batch = order[start: start + args.batch_size]
-            out = ar_decode(model, [ids[i] for i in batch], args.max_new_tokens, sampling,
-                            seeds=[args.seed + i for i in batch], stop_ids=tok.eos_ids)
-            for i, gen in zip(batch, out.tokens):
-                new_tokens += len(gen)
-                ended = bool(gen) and gen[-1] in tok.eos_ids
-                if chat and ended:
-                    records[i] = {"messages": [{"role": "user", "content": prompts[i]},
-                                               {"role": "assistant", "content": tok.decode(gen)}]}
-                else:
-                    records[i] = {"text": texts[i] + tok.decode(gen)}
-            dt = time.perf_counter() - t0
-            print(f"\r{len(records)}/{len(order)} prompts  {new_tokens} tokens  {new_tokens / dt:.0f} tokens/s",
-                  end="", file=sys.stderr, flush=True)
-        out_path = Path(args.out)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(out_path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for i in sorted(records):
-                f.write(json.dumps(records[i], ensure_ascii=False) + "\n")
-        tmp.replace(out_path)
-        print(f"\nwrote {len(records)} continuations ({new_tokens} tokens) to {out_path} in "
-              f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    except MinipassError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: distill(args))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from minipass.decoding import DecodeStats, SamplingParams
 from minipass.errors import MinipassError
-from minipass.generate import add_model_args, add_sampling_args
+from minipass.cli import add_model_args, add_sampling_args, run_cli
 from minipass.lookahead import init_lookahead, load_lookahead
 from minipass.pass_decoding import pass1_decode, pass_decode
 
@@ -87,42 +87,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def evaluate(args: argparse.Namespace) -> None:
+    from minipass.loading import load_checkpoint
+
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or any(m not in MODES for m in modes):
+        raise MinipassError(f"--modes must list pass and/or pass1, got {args.modes!r}")
+    if args.num_prompts < 1 or args.batch_size < 1:
+        raise MinipassError("--num-prompts and --batch-size must be at least 1")
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+    model, tok, _ = load_checkpoint(args.ckpt, args.dtype, args.device)
+    if args.lookahead_file:
+        la = load_lookahead(args.lookahead_file, model, args.lookahead)
+        source = args.lookahead_file
+    else:
+        L = 4 if args.lookahead is None else args.lookahead
+        if L < 1:
+            raise MinipassError(f"--lookahead must be >= 1, got {L}")
+        la = init_lookahead(model, L, args.init).to(model.embed_tokens.weight.dtype)
+        source = f"untrained ({args.init})"
+    setting = "greedy" if args.temperature == 0 else \
+        f"temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}"
+    for dataset in args.dataset:
+        prompts = eval_prompts(tok, dataset, args.num_prompts)
+        res = acceptance(model, prompts, la, args.max_new_tokens, sampling, modes, tok.eos_ids,
+                         args.batch_size, args.seed)
+        print(f"{dataset}: {len(prompts)} prompts x {args.max_new_tokens} new tokens, {setting}, "
+              f"L={la.shape[-2]} {source}")
+        print(f"{'mode':<6} {'E[j]':>6} {'tok/call':>8}   acceptance by position")
+        for mode, stats in res.items():
+            print(format_row(mode, stats))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        from minipass.loading import load_checkpoint
-
-        modes = [m for m in args.modes.split(",") if m]
-        if not modes or any(m not in MODES for m in modes):
-            raise MinipassError(f"--modes must list pass and/or pass1, got {args.modes!r}")
-        if args.num_prompts < 1 or args.batch_size < 1:
-            raise MinipassError("--num-prompts and --batch-size must be at least 1")
-        sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
-        model, tok, _ = load_checkpoint(args.ckpt, args.dtype, args.device)
-        if args.lookahead_file:
-            la = load_lookahead(args.lookahead_file, model, args.lookahead)
-            source = args.lookahead_file
-        else:
-            L = 4 if args.lookahead is None else args.lookahead
-            if L < 1:
-                raise MinipassError(f"--lookahead must be >= 1, got {L}")
-            la = init_lookahead(model, L, args.init).to(model.embed_tokens.weight.dtype)
-            source = f"untrained ({args.init})"
-        setting = "greedy" if args.temperature == 0 else \
-            f"temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}"
-        for dataset in args.dataset:
-            prompts = eval_prompts(tok, dataset, args.num_prompts)
-            res = acceptance(model, prompts, la, args.max_new_tokens, sampling, modes, tok.eos_ids,
-                             args.batch_size, args.seed)
-            print(f"{dataset}: {len(prompts)} prompts x {args.max_new_tokens} new tokens, {setting}, "
-                  f"L={la.shape[-2]} {source}")
-            print(f"{'mode':<6} {'E[j]':>6} {'tok/call':>8}   acceptance by position")
-            for mode, stats in res.items():
-                print(format_row(mode, stats))
-    except MinipassError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: evaluate(args))
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def test_no_traceback_from_the_real_entry_point(default_ckpt):
 @pytest.mark.parametrize("mode", ["ar", "tree"])
 def test_streamed_text_is_the_greedy_output(capsys, default_model, mode):
     model, tok = default_model
-    code, out, err = run_main(capsys, "--prompt", "def add(a, b):", "--max-new-tokens", "12", "--mode", mode)
+    code, out, err = run_main(capsys, "--prompt", "def add(a, b):", "--max-new-tokens", "12", "--mode", mode,
+                              "--dtype", "fp32")
     assert code == 0
     ids = ar_decode(model, [tok.encode("def add(a, b):")], 12, stop_ids=tok.eos_ids).tokens[0]
     assert out == tok.decode(ids) + "\n"
