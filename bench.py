@@ -3,30 +3,46 @@
     python bench.py                                   # default model, both prompt sets, greedy + top-k 10 / T 0.8
     python bench.py --ckpt path/to/llama --lookahead-file la.safetensors --dataset prompts.jsonl
     python bench.py --modes ar,pass,pass1 --lookahead 1,2,4,6,8 --temperature 0 --plot sweep.png
+    python bench.py --modes ar,tree --tree-nodes auto,16          # the auto-sized tree against a fixed budget
 
-Every mode decodes the same prompts with the same seeds; speed-ups are ratios to the autoregressive run of the same
-invocation, and greedy runs say whether the output was token-identical to it. Wall time covers whole generate calls
-(prefill included, the same for every mode), after a warm-up call per configuration.
+Every mode decodes the same prompts with the same seeds. The timed runs come in rounds: each round runs every
+configuration once, in an order rotated from round to round, so a slow phase of a shared machine spreads over all
+modes instead of landing on one. A configuration's tokens/s is the median over rounds (with its min-max spread), and
+its speed-up the median of its per-round ratios to the autoregressive run of the same round. Before the rounds,
+every configuration is warmed up (its step compiled, the longest prompt prefilled, every weight read), and that
+time is reported apart. Greedy runs say whether the output was token-identical to autoregressive decoding.
+
+Printed under the table: the hardware ceiling (memory read bandwidth, measured, and the weights-read bound on
+tokens/s it implies), the measured cost t(T) of one forward of T new tokens relative to t(1), and the sizes chosen
+for the speculation when they are sized automatically (sizing.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import sys
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
+import torch._dynamo
 
+from minipass.cli import add_decoding_args, add_model_args, decoder_options, run_cli
 from minipass.data import humaneval_prompts, jsonl_prompts, sharegpt_prompts
-from minipass.decoding import DecodeStats, SamplingParams
+from minipass.decoders import LOOKAHEAD_MODES, MODES, lookahead_for, make_decoder
+from minipass.decoding import DecodeStats, SamplingParams, compile_options
 from minipass.errors import MinipassError
-from minipass.generate import (LOOKAHEAD_MODES, MODES, add_decoding_args, add_model_args, make_decoder)
 from minipass.loading import load_checkpoint
 
 PAPER_SAMPLING = (0.8, 10, 1.0)  # the paper's setting: temperature 0.8, top-k 10
+UNSTABLE_SPREAD = 0.15  # a configuration whose tokens/s varied more than this over the rounds is flagged
+CURVE_WIDTHS = (1, 2, 4, 8, 16, 24, 32, 48, 64)  # forward widths measured for the cost curve (and the sizing)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,14 +57,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=3, help="prompts per data set (default 3)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds of every configuration (default 3)")
     p.add_argument("--temperature", type=float, default=None,
                    help="one sampling setting (default: greedy and the paper's top-k 10 / temperature 0.8)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    add_decoding_args(p)
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the forward with static shapes (CUDA graphs on CUDA)")
+    add_decoding_args(p, compile_default=True)
+    p.set_defaults(tree_nodes="auto")
+    p.add_argument("--calibration-prompts", type=int, default=6,
+                   help="--tree-nodes auto: prompts of the calibration run per data set and setting (default 6)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--peer", choices=["hf"], default=None,
                    help="also time transformers' generate on the same weights, plain and with prompt lookup")
@@ -57,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_prompts(spec: str, tok, n: int) -> list:
+def load_prompts(spec: str, tok, n: int) -> tuple[str, list]:
     """(name, token ids per prompt) for a data set name or a JSONL file."""
     if spec == "humaneval":
         texts = humaneval_prompts()[:n]
@@ -83,27 +101,130 @@ def device_name(device: torch.device) -> str:
     return f"{model}, {torch.get_num_threads()} threads"
 
 
+def load_average() -> Optional[list]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 class Progress:
     def __init__(self, total: int):
         self.total, self.done, self.t0 = total, 0, time.perf_counter()
 
     def step(self, what: str) -> None:
         self.done += 1
-        bar = "#" * (20 * self.done // self.total)
-        print(f"\rbench [{bar:<20}] {self.done}/{self.total} {what:<48} {time.perf_counter() - self.t0:6.0f}s",
+        bar = "#" * (20 * self.done // max(self.total, 1))
+        print(f"\rbench [{bar:<20}] {self.done}/{self.total} {what:<52} {time.perf_counter() - self.t0:6.0f}s",
               end="", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         print(file=sys.stderr)
 
 
-def run(decode, model, prompts, args, sampling, stop_ids) -> tuple:
+# --- the hardware ceiling and the cost curve ----------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_bandwidth(device: torch.device) -> float:
+    """Read bandwidth in GB/s: the best of a few sums of a buffer far larger than the caches (1 GB on a CPU,
+    whose last-level cache may hold a few hundred MB; 4 GB on a GPU)."""
+    n = (4 << 30 if device.type == "cuda" else 1 << 30) // 4
+    x = torch.ones(n, device=device)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        x.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    del x
+    return n * 4 / best / 1e9
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def cost_curve(model, widths, batch: int, context: int, compile) -> dict:
+    """Seconds per forward of T new tokens (causal) per row after `context` cached tokens, for each T in widths:
+    the median of 7 calls after 2 warm-ups, compiled like the decoding steps when `compile` is set."""
+    device = model.embed_tokens.weight.device
+    g = torch.Generator().manual_seed(0)
+    model.setup_caches(batch, context + max(widths) + 1)
+    ids = torch.randint(0, model.args.vocab_size, (batch, context + max(widths)), generator=g).to(device)
+    zeros = torch.zeros(batch, dtype=torch.long, device=device)
+    seq = torch.full((batch,), context, device=device)
+    with torch.no_grad():
+        model(ids[:, :context], input_pos=torch.arange(context, device=device).expand(batch, -1),
+              cache_seqlens=zeros, kv_len=context, logits_index=zeros[:, None])
+
+    def forward(m, tokens, pos, seqlens):
+        return m(tokens, input_pos=pos, cache_seqlens=seqlens)
+
+    out = {}
+    for T in widths:
+        fn = forward
+        if compile:
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            opts = compile_options(device) if compile is True else dict(compile)
+            fn = torch.compile(forward, fullgraph=True, dynamic=False, **opts)
+        tokens = ids[:, context: context + T]
+        pos = seq[:, None] + torch.arange(T, device=device)
+        times = []
+        with torch.no_grad():
+            for i in range(9):
+                sync(device)
+                t0 = time.perf_counter()
+                fn(model, tokens, pos, seq)
+                sync(device)
+                if i >= 2:
+                    times.append(time.perf_counter() - t0)
+        out[T] = statistics.median(times)
+    return out
+
+
+def interpolate(curve: dict) -> Callable[[int], float]:
+    """t(T) between the measured widths, linear (and flat beyond the ends)."""
+    xs = sorted(curve)
+
+    def t(T: int) -> float:
+        if T <= xs[0]:
+            return curve[xs[0]]
+        for a, b in zip(xs, xs[1:]):
+            if T <= b:
+                return curve[a] + (curve[b] - curve[a]) * (T - a) / (b - a)
+        return curve[xs[-1]] * T / xs[-1]
+
+    return t
+
+
+# --- configurations and runs ----------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    dataset: str
+    sampling: SamplingParams
+    mode: str
+    L: int
+    decode: Optional[Callable]
+    label: str = ""  # mode as printed (tree@16 for a fixed budget next to the auto-sized one)
+    width: int = 1  # new tokens per forward call
+    sizes: dict = field(default_factory=dict)  # the options that size it, for the JSON
+    warmup_s: float = 0.0
+    rounds: list = field(default_factory=list)  # (wall_s, DecodeStats, outputs) per round
+
+
+def run_config(cfg: Config, model, prompts, args, stop_ids) -> tuple:
     """Decode every prompt in batches; returns (outputs, merged DecodeStats)."""
     total, outputs = DecodeStats(), []
     for i in range(0, len(prompts), args.batch_size):
         batch = prompts[i:i + args.batch_size]
         seeds = [args.seed + i + j for j in range(len(batch))]
-        out = decode(model, batch, args.max_new_tokens, sampling, seeds=seeds, stop_ids=stop_ids)
+        out = cfg.decode(model, batch, args.max_new_tokens, cfg.sampling, seeds=seeds, stop_ids=stop_ids)
         outputs += out.tokens
         s = out.stats
         total.calls += s.calls
@@ -116,70 +237,106 @@ def run(decode, model, prompts, args, sampling, stop_ids) -> tuple:
     return outputs, total
 
 
-def hf_runs(ckpt, dtype, device, prompts, args, sampling, stop_ids) -> list:
-    """transformers' generate on the same weights: plain, and with prompt-lookup decoding."""
-    try:
-        import transformers
-    except ImportError:
-        print("bench: --peer hf skipped: transformers is not installed (pip install transformers)", file=sys.stderr)
-        return []
+def hf_decoder(ckpt, dtype, device, prompt_lookup: bool) -> Callable:
+    """transformers' generate on the same weights, with the decoders' signature (one prompt at a time)."""
+    import transformers
+
     hf = transformers.LlamaForCausalLM.from_pretrained(str(ckpt), dtype=dtype).to(device).eval()
-    results = []
-    for name, extra in (("hf", {}), ("hf-lookup", {"prompt_lookup_num_tokens": 10})):
-        gen = dict(max_new_tokens=args.max_new_tokens, eos_token_id=list(stop_ids) or None, pad_token_id=0,
-                   do_sample=sampling.temperature > 0, **extra)
+
+    def decode(model, prompts, max_new_tokens, sampling, seeds, stop_ids):
+        gen = dict(max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids) or None, pad_token_id=0,
+                   do_sample=sampling.temperature > 0)
+        if prompt_lookup:
+            gen["prompt_lookup_num_tokens"] = 10
         if sampling.temperature > 0:
             gen.update(temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=sampling.top_p)
-        outputs, wall, tokens = [], 0.0, 0
-        for i, p in enumerate([prompts[0]] + prompts):  # the first call warms up
+        outputs, tokens, wall = [], 0, 0.0
+        for p, seed in zip(prompts, seeds):
             ids = torch.tensor([p], device=device)
-            torch.manual_seed(args.seed + i)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            torch.manual_seed(seed)
+            sync(device)
             t0 = time.perf_counter()
             with torch.no_grad():
                 out = hf.generate(ids, attention_mask=torch.ones_like(ids), **gen)[0, len(p):].tolist()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i > 0:
-                wall += time.perf_counter() - t0
-                tokens += len(out)
-                outputs.append(out)
-        results.append((name, outputs, wall, tokens))
-    return results
+            sync(device)
+            wall += time.perf_counter() - t0
+            outputs.append(out)
+            tokens += len(out)
+        stats = DecodeStats(calls=tokens, row_calls=tokens, tokens=tokens, wall_s=wall)
+        return type("Output", (), {"tokens": outputs, "stats": stats})()
+
+    return decode
 
 
-def weight_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def record(dataset, mode, L, sampling, args, n_prompts, stats, outputs, ar, gb) -> dict:
-    greedy = sampling.temperature == 0
-    tps = stats.tokens / stats.wall_s if stats.wall_s else 0.0
+def summarize(cfg: Config, ar: Config, gb: float, bound: float, cost_of: Callable, batch_size: int,
+              n_prompts: int) -> dict:
+    """The record of one configuration over its rounds."""
+    tps = [s.tokens / w if w else 0.0 for w, s, _ in cfg.rounds]
+    _, stats, outputs = cfg.rounds[0]
+    median = statistics.median(tps)
+    greedy = cfg.sampling.temperature == 0
+    speedups = [1.0] * len(tps)
+    if cfg is not ar:
+        ar_tps = [s.tokens / w for w, s, _ in ar.rounds]
+        speedups = [t / a if a else 0.0 for t, a in zip(tps, ar_tps)]
+    same = None
+    if greedy:
+        same = True if cfg is ar else all(out == ar.rounds[0][2] for _, _, out in cfg.rounds)
+    wall = statistics.median(w for w, _, _ in cfg.rounds)
+    per_call = wall / stats.calls if stats.calls else None
+    hf = cfg.mode.startswith("hf")
     return {
-        "dataset": dataset, "mode": mode, "lookahead": L, "temperature": sampling.temperature,
-        "top_k": sampling.top_k, "top_p": sampling.top_p, "batch_size": args.batch_size, "prompts": n_prompts,
-        "new_tokens": stats.tokens, "wall_s": round(stats.wall_s, 4), "tokens_per_s": round(tps, 3),
-        "calls": stats.calls, "tokens_per_call": round(stats.tokens_per_call, 4),
+        "dataset": cfg.dataset, "mode": cfg.label or cfg.mode, "lookahead": cfg.L,
+        "temperature": cfg.sampling.temperature, "top_k": cfg.sampling.top_k, "top_p": cfg.sampling.top_p,
+        "batch_size": batch_size, "prompts": n_prompts, "new_tokens": stats.tokens, "wall_s": round(wall, 4),
+        "tokens_per_s": round(median, 3), "tokens_per_s_rounds": [round(t, 3) for t in tps],
+        "spread": round((max(tps) - min(tps)) / median, 4) if median else None,
+        "calls": None if hf else stats.calls,
+        "tokens_per_call": None if hf else round(stats.tokens_per_call, 4),
+        "time_per_call_ms": None if hf or per_call is None else round(per_call * 1e3, 3),
         "acceptance_by_position": [round(a, 4) for a in stats.acceptance],
         "mean_accepted": round(stats.mean_accepted, 4) if stats.attempted else None,
-        "weights_gb_per_s": round(gb * stats.calls / stats.wall_s, 3) if stats.wall_s else 0.0,
-        "speedup_vs_ar": round(tps / ar["tokens_per_s"], 4) if ar and ar["tokens_per_s"] else 1.0,
-        "identical_to_ar": (True if ar is None else outputs == ar["outputs"]) if greedy else None,
+        "weights_gb_per_s": None if hf or not wall else round(gb * stats.calls / wall, 3),
+        "share_of_bound": round(median / bound, 4) if bound and cfg.mode == "ar" else None,
+        "speedup_vs_ar": round(statistics.median(speedups), 4), "speedup_rounds": [round(x, 4) for x in speedups],
+        "identical_to_ar": same, "width": cfg.width, "sizes": cfg.sizes, "warmup_s": round(cfg.warmup_s, 2),
+        "model_cost_vs_ar": None if hf else round(cost_of(cfg.width), 4),
     }
 
 
+# --- output ----------------------------------------------------------------------------------------------------------
+
+def setting_label(r: dict) -> str:
+    return "greedy" if r["temperature"] == 0 else f"T{r['temperature']:g} k{r['top_k']} p{r['top_p']:g}"
+
+
 def print_table(runs: list) -> None:
-    head = f"{'dataset':<10} {'setting':<12} {'mode':<9} {'L':>2} {'tok/s':>7} {'speedup':>7} {'tok/call':>8} " \
-           f"{'GB/s':>6} {'same':>5}  acceptance by position"
+    head = (f"{'dataset':<10} {'setting':<12} {'mode':<9} {'L':>2} {'tok/s':>7} {'spread':>6} {'speedup':>7} "
+            f"{'tok/call':>8} {'call/ar':>7} {'GB/s':>6} {'same':>4}  acceptance by position")
     print(head)
     print("-" * len(head))
     for r in runs:
-        setting = "greedy" if r["temperature"] == 0 else f"T{r['temperature']:g} k{r['top_k']} p{r['top_p']:g}"
         same = {True: "yes", False: "NO", None: "-"}[r["identical_to_ar"]]
-        acc = " ".join(f"{a:.2f}" for a in r["acceptance_by_position"])
-        print(f"{r['dataset']:<10} {setting:<12} {r['mode']:<9} {r['lookahead']:>2} {r['tokens_per_s']:>7.1f} "
-              f"{r['speedup_vs_ar']:>6.2f}x {r['tokens_per_call']:>8.2f} {r['weights_gb_per_s']:>6.1f} {same:>5}  {acc}")
+        acc = " ".join(f"{a:.2f}" for a in r["acceptance_by_position"][:8])
+        cost = r["time_per_call_ms"] / r["_ar_ms"] if r["time_per_call_ms"] and r.get("_ar_ms") else None
+        print(f"{r['dataset']:<10} {setting_label(r):<12} {r['mode']:<9} {r['lookahead']:>2} "
+              f"{r['tokens_per_s']:>7.1f} {100 * (r['spread'] or 0):>5.0f}% {r['speedup_vs_ar']:>6.2f}x "
+              f"{(r['tokens_per_call'] or 0):>8.2f} {(f'{cost:.2f}x' if cost else '-'):>7} "
+              f"{(r['weights_gb_per_s'] or 0):>6.1f} {same:>4}  {acc}")
+
+
+LEGEND = """\
+tok/s     tokens per second over whole generate calls (prefill included): the median over the rounds
+spread    (max - min) / median of tok/s over the rounds; above 15% the row is flagged as measured on an unstable machine
+speedup   the median over the rounds of tok/s / the autoregressive tok/s of the same round and setting
+tok/call  tokens emitted per forward call and batch row (1 for ar; pass counts its drafting and validation calls)
+call/ar   wall time per forward call (verification and tree building included) / that of ar: speedup = tok/call / call/ar
+GB/s      weight bytes read per second: calls x weight size / wall time
+same      greedy only: the output is token-identical to autoregressive decoding (NO means it is not: a bug, or a
+          floating-point near-tie decided differently at another call width)
+acceptance by position   per draft position (tree: per depth), the fraction of verified drafts accepted
+setting   greedy = temperature 0; Tt kk pp = temperature t, top-k k (0 = off), top-p p (1 = off)
+L         look-ahead tokens; mode tree@N is the tree with a fixed budget of N nodes next to the auto-sized one"""
 
 
 def plot(runs: list, path: str) -> None:
@@ -207,79 +364,202 @@ def plot(runs: list, path: str) -> None:
     tmp.replace(path)
 
 
+# --- main --------------------------------------------------------------------------------------------------------------
+
+def parse_list(text: str, what: str, allow_auto: bool = False) -> list:
+    out = []
+    for x in text.split(","):
+        x = x.strip()
+        if allow_auto and x == "auto":
+            out.append(None)
+            continue
+        try:
+            out.append(int(x))
+        except ValueError:
+            raise MinipassError(f"{what} must be integers separated by commas"
+                                f"{' (or auto)' if allow_auto else ''}, got {text!r}") from None
+    return out
+
+
+def bench(args: argparse.Namespace) -> None:
+    from minipass import sizing
+
+    load_start = load_average()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in modes:
+        if m not in MODES:
+            raise MinipassError(f"unknown mode {m!r} in --modes; choose from {', '.join(MODES)}")
+    modes = ["ar"] + [m for m in modes if m != "ar"]
+    lookaheads = parse_list(args.lookahead, "--lookahead")
+    budgets = parse_list(args.tree_nodes, "--tree-nodes", allow_auto=True)
+    if args.num_prompts < 1 or args.batch_size < 1 or args.rounds < 1:
+        raise MinipassError("--num-prompts, --batch-size and --rounds must be >= 1")
+    settings = [SamplingParams(), SamplingParams(*PAPER_SAMPLING)] if args.temperature is None else \
+        [SamplingParams(args.temperature, args.top_k, args.top_p)]
+
+    model, tok, ckpt = load_checkpoint(args.ckpt, args.dtype, args.device, args.kernels)
+    device = model.embed_tokens.weight.device
+    compile_ = args.compile
+    datasets = [load_prompts(d.strip(), tok, args.num_prompts) for d in args.dataset.split(",") if d.strip()]
+    lookahead = {L: lookahead_for(model, args.lookahead_file, L, default_model=args.ckpt is None)
+                 for L in lookaheads} if any(m in LOOKAHEAD_MODES for m in modes) else {}
+    for L, (_, source) in lookahead.items():
+        if source.startswith("untrained"):
+            print(f"bench: no --lookahead-file; using untrained (mean-embedding) look-ahead tokens, which draft "
+                  "poorly", file=sys.stderr)
+            break
+
+    # The ceiling: how fast could a step be if it only read the weights once at the measured bandwidth?
+    print("bench: measuring the memory bandwidth and the forward cost curve ...", file=sys.stderr)
+    bandwidth = memory_bandwidth(device)
+    gb = weight_bytes(model) / 1e9
+    bound = bandwidth / gb * args.batch_size  # tokens/s if a step cost exactly one read of the weights
+    context = int(statistics.median(len(p) for _, ps in datasets for p in ps)) + args.max_new_tokens // 2
+    t_curve = time.perf_counter()
+    curve = cost_curve(model, CURVE_WIDTHS, args.batch_size, context, compile_)
+    curve_s = time.perf_counter() - t_curve
+    t_of = interpolate(curve)
+    cost_of = lambda T: t_of(T) / curve[1]  # noqa: E731
+
+    # Configurations: every (dataset, setting) group has its ar baseline first. Decoders are made once the widest
+    # call is known: every run then uses one cache length, so a compiled step is compiled once per configuration.
+    groups, specs, sizing_report = [], [], []
+    for name, prompts in datasets:
+        for sampling in settings:
+            group = [Config(name, sampling, "ar", 0, None)]
+            specs.append(("ar", decoder_options(args, lookaheads[0], 16), None))
+            for m in modes[1:]:
+                for L in (lookaheads if m in LOOKAHEAD_MODES else [0]):
+                    opts = decoder_options(args, L or lookaheads[0], 16)
+                    la = lookahead[L][0] if m in LOOKAHEAD_MODES else None
+                    if m == "ngram":
+                        cfg = Config(name, sampling, m, 0, None, width=1 + opts.ngram.nodes,
+                                     sizes={"nodes": opts.ngram.nodes})
+                    elif m == "pass":
+                        cfg = Config(name, sampling, m, L, None, width=L + 1)
+                    elif m == "pass1":
+                        n_points = L + 1 if not opts.pass1_blocks else min(opts.pass1_blocks, L + 1)
+                        cfg = Config(name, sampling, m, L, None, width=L + 1 + n_points * L,
+                                     sizes={"blocks": n_points})
+                    if m != "tree":
+                        group.append(cfg)
+                        specs.append((m, opts, la))
+                        continue
+                    for nodes in budgets:
+                        label = "tree" if nodes is None or len(budgets) == 1 else f"tree@{nodes}"
+                        if nodes is None:
+                            plan = sizing.size_tree(model, la, sampling, name, tok, t_of, base_tree=opts.tree,
+                                                    num_prompts=args.calibration_prompts,
+                                                    max_new_tokens=args.max_new_tokens, quiet=False)
+                            tree = plan.tree
+                            sizing_report.append({"dataset": name, "setting": setting_label(
+                                {"temperature": sampling.temperature, "top_k": sampling.top_k,
+                                 "top_p": sampling.top_p}), "L": L, **plan.report})
+                        else:
+                            tree = replace(opts.tree, nodes=nodes)
+                        M = tree.blocks
+                        group.append(Config(name, sampling, m, L, None, label=label, width=1 + tree.nodes + M * L,
+                                            sizes={"nodes": tree.nodes, "blocks": M,
+                                                   "calibrated": tree.calibrated is not None}))
+                        specs.append((m, replace(opts, tree=tree), la))
+            if args.peer:
+                try:
+                    import transformers  # noqa: F401
+                except ImportError:
+                    print("bench: --peer hf skipped: transformers is not installed", file=sys.stderr)
+                else:
+                    dtype = model.embed_tokens.weight.dtype
+                    for label, lookup in (("hf", False), ("hf-lookup", True)):
+                        group.append(Config(name, sampling, label, 0, hf_decoder(ckpt, dtype, device, lookup)))
+                        specs.append(None)
+            groups.append((prompts, group))
+    longest = max(len(p) for _, ps in datasets for p in ps)
+    cache_len = longest + args.max_new_tokens + max(cfg.width for _, g in groups for cfg in g)
+    configs = [cfg for _, g in groups for cfg in g]
+    for cfg, spec in zip(configs, specs):
+        if spec is not None:
+            mode, opts, la = spec
+            cfg.decode = make_decoder(mode, replace(opts, cache_len=cache_len), la)
+
+    # Warm-up: each configuration decodes the longest prompt (its largest prefill) through every part of its step;
+    # a compiled step compiles here. The weights have been read by the cost curve already.
+    n_configs = sum(len(g) for _, g in groups)
+    progress = Progress(n_configs * (1 + args.rounds))
+    for prompts, group in groups:
+        longest = max(prompts, key=len)
+        for cfg in group:
+            t0 = time.perf_counter()
+            cfg.decode(model, [longest] * min(args.batch_size, len(prompts)), min(16, args.max_new_tokens),
+                       cfg.sampling, seeds=list(range(min(args.batch_size, len(prompts)))), stop_ids=tok.eos_ids)
+            cfg.warmup_s = time.perf_counter() - t0
+            progress.step(f"warm-up {cfg.dataset} {cfg.label or cfg.mode} L={cfg.L} T={cfg.sampling.temperature:g}")
+    for r in range(args.rounds):
+        for prompts, group in groups:
+            order = group[r % len(group):] + group[: r % len(group)]
+            for cfg in order:
+                outputs, stats = run_config(cfg, model, prompts, args, tok.eos_ids)
+                cfg.rounds.append((stats.wall_s, stats, outputs))
+                progress.step(f"round {r + 1} {cfg.dataset} {cfg.label or cfg.mode} L={cfg.L} "
+                              f"T={cfg.sampling.temperature:g}")
+    progress.close()
+    load_end = load_average()
+
+    runs = []
+    for prompts, group in groups:
+        ar = group[0]
+        for cfg in group:
+            runs.append(summarize(cfg, ar, gb, bound, cost_of, args.batch_size, len(prompts)))
+        ar_ms = runs[-len(group)]["time_per_call_ms"]
+        for rec in runs[-len(group):]:
+            rec["_ar_ms"] = ar_ms
+
+    print(f"model: {ckpt}  device: {device_name(device)}  dtype: {model.embed_tokens.weight.dtype}  "
+          f"weights: {gb:.3f} GB  prompts: {args.num_prompts} x {args.max_new_tokens} new tokens, "
+          f"batch {args.batch_size}, {args.rounds} rounds, step {'compiled' if compile_ else 'eager'}")
+    print_table(runs)
+    print()
+    print(LEGEND)
+    print()
+    ar_runs = [r for r in runs if r["mode"] == "ar"]
+    print(f"ceiling: memory read bandwidth {bandwidth:.1f} GB/s (best of 5 sums of 1 GB) / {gb:.3f} GB of weights = "
+          f"{bound:.1f} tokens/s if a step only read the weights once; ar reaches "
+          + ", ".join(f"{r['tokens_per_s']:.1f} ({100 * r['share_of_bound']:.0f}%)" for r in ar_runs))
+    print(f"cost curve (one forward of T new tokens per row at {context} cached tokens, "
+          f"{'compiled' if compile_ else 'eager'}, median of 7): " +
+          "  ".join(f"T={T}: {1e3 * t:.1f} ms ({t / curve[1]:.2f}x)" for T, t in curve.items()))
+    warm = sum(cfg.warmup_s for _, g in groups for cfg in g)
+    print(f"set-up time (not in the figures above): cost curve {curve_s:.0f} s, warm-up and compilation of the "
+          f"steps {warm:.0f} s")
+    for s in sizing_report:
+        print(f"sized tree ({s['dataset']}, {s['setting']}, L={s['L']}): {s['summary']}")
+    unstable = [r for r in runs if (r["spread"] or 0) > UNSTABLE_SPREAD]
+    for r in unstable:
+        print(f"warning: {r['dataset']} {setting_label(r)} {r['mode']} L={r['lookahead']}: tokens/s varied by "
+              f"{100 * r['spread']:.0f}% over the rounds {r['tokens_per_s_rounds']}: the machine was not quiet "
+              "(the paired speed-ups are the figures to trust)", file=sys.stderr)
+    for r in runs:
+        r.pop("_ar_ms", None)
+    if args.json:
+        doc = {"model": str(ckpt), "device": device_name(device), "dtype": str(model.embed_tokens.weight.dtype),
+               "compiled": bool(compile_), "rounds": args.rounds, "load_average_start": load_start,
+               "load_average_end": load_end, "bandwidth_gb_per_s": round(bandwidth, 2), "weights_gb": round(gb, 4),
+               "bound_tokens_per_s": round(bound, 2),
+               "cost_curve": {str(T): {"ms": round(1e3 * t, 3), "vs_t1": round(t / curve[1], 4)}
+                              for T, t in curve.items()},
+               "cost_curve_context": context, "cost_curve_s": round(curve_s, 1),
+               "sizing": sizing_report, "unstable": [r["mode"] for r in unstable], "runs": runs}
+        tmp = Path(args.json).with_name(Path(args.json).name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.replace(args.json)
+    if args.plot:
+        plot(runs, args.plot)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-        for m in modes:
-            if m not in MODES:
-                raise MinipassError(f"unknown mode {m!r} in --modes; choose from {', '.join(MODES)}")
-        modes = ["ar"] + [m for m in modes if m != "ar"]
-        try:
-            lookaheads = [int(x) for x in args.lookahead.split(",")]
-        except ValueError:
-            raise MinipassError(f"--lookahead must be integers separated by commas, got {args.lookahead!r}") from None
-        if args.num_prompts < 1 or args.batch_size < 1:
-            raise MinipassError("--num-prompts and --batch-size must be >= 1")
-        if args.temperature is None:
-            settings = [SamplingParams(), SamplingParams(*PAPER_SAMPLING)]
-        else:
-            settings = [SamplingParams(args.temperature, args.top_k, args.top_p)]
-
-        model, tok, ckpt = load_checkpoint(args.ckpt, args.dtype, args.device, args.kernels)
-        device = model.embed_tokens.weight.device
-        if args.compile:
-            model.compile_for_decoding(**({"mode": "reduce-overhead"} if device.type == "cuda" else {}))
-        datasets = [load_prompts(d.strip(), tok, args.num_prompts) for d in args.dataset.split(",") if d.strip()]
-        # Decoders (and their look-ahead embeddings) are built once; building one checks its options.
-        decoders = {("ar", 0): make_decoder("ar", model, args, 0)}
-        for m in modes[1:]:
-            for L in (lookaheads if m in LOOKAHEAD_MODES else [0]):
-                decoders[(m, L)] = make_decoder(m, model, args, L, quiet=(m, L) != ("pass", lookaheads[0]))
-        gb = weight_bytes(model) / 1e9
-        progress = Progress(len(datasets) * len(settings) * (len(decoders) + (2 if args.peer else 0)))
-        runs = []
-        for name, prompts in datasets:
-            for sampling in settings:
-                ar = None
-                for (mode, L), decode in decoders.items():
-                    decode(model, prompts[:1], 4, sampling, stop_ids=tok.eos_ids)  # warm-up
-                    outputs, stats = run(decode, model, prompts, args, sampling, tok.eos_ids)
-                    r = record(name, mode, L, sampling, args, len(prompts), stats, outputs, ar, gb)
-                    if mode == "ar":
-                        ar = {"tokens_per_s": r["tokens_per_s"], "outputs": outputs}
-                    runs.append(r)
-                    progress.step(f"{name} {mode} L={L} T={sampling.temperature:g}")
-                if args.peer:
-                    for mode, outputs, wall, tokens in hf_runs(ckpt, model.embed_tokens.weight.dtype, device,
-                                                               prompts, args, sampling, tok.eos_ids):
-                        stats = DecodeStats(calls=tokens, row_calls=tokens, tokens=tokens, wall_s=wall)
-                        r = record(name, mode, 0, sampling, args, len(prompts), stats, outputs, ar, gb)
-                        r["calls"], r["tokens_per_call"], r["weights_gb_per_s"] = None, None, None
-                        runs.append(r)
-                        progress.step(f"{name} {mode} T={sampling.temperature:g}")
-        progress.close()
-
-        print(f"model: {ckpt}  device: {device_name(device)}  dtype: {model.embed_tokens.weight.dtype}  "
-              f"weights: {gb:.3f} GB  prompts: {args.num_prompts} x {args.max_new_tokens} new tokens, "
-              f"batch {args.batch_size}")
-        printable = [dict(r, weights_gb_per_s=r["weights_gb_per_s"] or 0.0, tokens_per_call=r["tokens_per_call"] or 0.0)
-                     for r in runs]
-        print_table(printable)
-        if args.json:
-            doc = {"model": str(ckpt), "device": device_name(device), "dtype": str(model.embed_tokens.weight.dtype),
-                   "runs": runs}
-            tmp = Path(args.json).with_name(Path(args.json).name + ".tmp")
-            tmp.write_text(json.dumps(doc, indent=1))
-            tmp.replace(args.json)
-        if args.plot:
-            plot(runs, args.plot)
-    except MinipassError as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: bench(args))
 
 
 if __name__ == "__main__":

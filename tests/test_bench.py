@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,13 +12,17 @@ from tests.util import tiny_checkpoint
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = {"dataset", "mode", "lookahead", "temperature", "top_k", "top_p", "batch_size", "prompts", "new_tokens",
           "wall_s", "tokens_per_s", "calls", "tokens_per_call", "acceptance_by_position", "speedup_vs_ar",
-          "identical_to_ar"}
+          "identical_to_ar", "tokens_per_s_rounds", "speedup_rounds", "spread", "time_per_call_ms", "width",
+          "warmup_s", "model_cost_vs_ar"}
+TOP = {"model", "device", "dtype", "runs", "rounds", "load_average_start", "load_average_end", "bandwidth_gb_per_s",
+       "weights_gb", "bound_tokens_per_s", "cost_curve", "sizing", "compiled"}
 
 
 @pytest.fixture(scope="module")
 def bench():
     spec = importlib.util.spec_from_file_location("bench", ROOT / "bench.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -37,19 +42,37 @@ def test_json_has_every_field_and_greedy_matches_ar(bench, setup, tmp_path, caps
     ckpt, prompts = setup
     out = tmp_path / "out.json"
     argv = ["--ckpt", str(ckpt), "--dataset", str(prompts), "--num-prompts", "3", "--max-new-tokens", "8",
-            "--batch-size", "2", "--lookahead", "1,3", "--modes", "ar,pass,pass1,ngram,tree", "--json", str(out)]
+            "--batch-size", "2", "--lookahead", "1,3", "--modes", "ar,pass,pass1,ngram,tree", "--json", str(out),
+            "--rounds", "2", "--no-compile", "--tree-nodes", "auto,16", "--calibration-prompts", "2"]
     assert bench.main(argv) == 0
     doc = json.loads(out.read_text())
-    assert {"model", "device", "dtype", "runs"} <= set(doc)
+    assert TOP <= set(doc), TOP - set(doc)
+    assert doc["rounds"] == 2 and doc["bandwidth_gb_per_s"] > 0 and doc["bound_tokens_per_s"] > 0
+    curve = doc["cost_curve"]
+    assert curve["1"]["vs_t1"] == 1.0 and all(c["ms"] > 0 for c in curve.values()) and len(curve) >= 5
+    assert len(doc["load_average_start"]) == 3
     runs = doc["runs"]
     for r in runs:
         assert FIELDS <= set(r), FIELDS - set(r)
+        assert len(r["tokens_per_s_rounds"]) == 2 and len(r["speedup_rounds"]) == 2
+        assert min(r["tokens_per_s_rounds"]) <= r["tokens_per_s"] <= max(r["tokens_per_s_rounds"])
+        assert r["spread"] == pytest.approx((max(r["tokens_per_s_rounds"]) - min(r["tokens_per_s_rounds"]))
+                                            / r["tokens_per_s"], abs=1e-3)
+    # The auto-sized tree next to the fixed 16-node one; the sizing says what it chose, per data set and setting.
+    assert {r["mode"] for r in runs} >= {"tree", "tree@16"}
+    assert len(doc["sizing"]) == 4  # one data set: greedy and the paper's setting, L = 1 and 3
+    for s in doc["sizing"]:
+        assert s["nodes"] >= 1 and s["width"] == 1 + s["nodes"] + s["blocks"] * s["L"] and s["candidates"]
+        best = max(c["estimated_speedup"] for c in s["candidates"])
+        assert s["estimated_speedup"] == best
+    ar = [r for r in runs if r["mode"] == "ar"]
+    assert all(r["share_of_bound"] > 0 for r in ar)
     # Greedy and the paper's sampling setting; pass and pass1 at both L, ar/ngram/tree once per L list entry.
     settings = {(r["temperature"], r["top_k"]) for r in runs}
     assert settings == {(0.0, 0), (0.8, 10)}
     modes = {(r["mode"], r["lookahead"]) for r in runs}
     assert {("ar", 0), ("pass", 1), ("pass", 3), ("pass1", 1), ("pass1", 3), ("ngram", 0)} <= modes
-    assert {m for m, _ in modes} == {"ar", "pass", "pass1", "ngram", "tree"}
+    assert {m for m, _ in modes} == {"ar", "pass", "pass1", "ngram", "tree", "tree@16"}
     for r in runs:
         assert r["prompts"] == 3 and r["new_tokens"] > 0 and r["calls"] > 0 and r["wall_s"] > 0
         assert r["tokens_per_call"] >= 1.0  # per row: a call emits at least one token in every live row
@@ -59,13 +82,16 @@ def test_json_has_every_field_and_greedy_matches_ar(bench, setup, tmp_path, caps
             assert r["identical_to_ar"] is None
         if r["mode"] == "ar":
             assert r["lookahead"] == 0 and r["speedup_vs_ar"] == 1.0 and r["tokens_per_call"] == 1.0
-    assert "tok/s" in capsys.readouterr().out  # the table
+    out = capsys.readouterr().out
+    assert "tok/s" in out and "ceiling: memory read bandwidth" in out and "cost curve" in out  # table and figures
+    assert "spread " in out and "call/ar " in out  # the legend
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--modes", "ar,fast"], "unknown mode 'fast' in --modes"),
     (["--lookahead", "2,x"], "--lookahead must be integers separated by commas"),
-    (["--num-prompts", "0"], "--num-prompts and --batch-size must be >= 1"),
+    (["--num-prompts", "0"], "--num-prompts, --batch-size and --rounds must be >= 1"),
+    (["--tree-nodes", "many"], "--tree-nodes must be integers separated by commas (or auto)"),
 ])
 def test_bad_options(bench, setup, capsys, extra, message):
     ckpt, prompts = setup
