@@ -19,9 +19,10 @@ Sampling from the nonnegative, possibly unnormalised P' is the inverse CDF in fp
 P'(v) > 0 and cumsum(P')[v] > u * sum(P'), where sum(P') is recomputed over V (the running `mass` has accumulated
 rounding); if rounding leaves no such index, the last index with P' > 0. If P' has no mass left (the rejected tokens
 held all of it, up to rounding) sample max(p[cur], 0) the same way; if that has no mass either, emit argmax(p[cur])
-(index 0 for an all-zero row). The emitted token is always in [0, V), and never a token of zero mass when the
-distribution has mass. A candidate token outside [0, V) is rejected without touching P' (it is never used as an
-address); a node whose parent is not a valid earlier node (padding: parent -1) is nobody's child.
+(index 0 for an all-zero row). The emitted token of a valid row (see Invalid rows) is always in [0, V), and never a
+token of zero mass when the distribution has mass. A candidate token outside [0, V) is rejected without touching P'
+(it is never used as an address); a node whose parent is not a valid earlier node (padding: parent -1) is nobody's
+child.
 
 Why the output is distributed exactly as autoregressive sampling
 ----------------------------------------------------------------
@@ -47,6 +48,15 @@ Randomness enters as tensors (u_accept, u_sample), so the kernel and the torch r
 fp32 summation order: they can differ only where u_accept * mass falls within rounding of P'(t), or u_sample * mass
 within rounding of a cumsum step.
 
+Invalid rows
+------------
+The rule reads in full the row p[cur] of every node it visits: the root, then each accepted node (its mass before
+its children are tried, or the emission at the last one); the gathers P'(t) come from that same row. A row is
+invalid when one of these visited rows holds a value that is not finite (NaN, +inf or -inf, read in fp32); the
+walk stops at the first such row. Rows of nodes the walk never reaches are not looked at. An invalid row gets
+num_accepted = -1, out_tokens all -1 and path all -1; other rows are not affected. The check rides along the
+passes over V that the walk makes anyway: it costs no extra read.
+
 Entry points
 ------------
 accept_tree(p, tokens, parents, u_accept, u_sample, *, check_values=True, block_v=None)    Triton
@@ -60,11 +70,19 @@ accept_tree_ref(p, tokens, parents, u_accept, u_sample)                         
     out_tokens    (B, N+1)    int64   the accepted nodes' tokens in path order, then the emitted token at index
                                       num_accepted, then -1
     path          (B, N)      int64   the accepted node indices in order, then -1
-    num_accepted  (B,)        int64   the row emits num_accepted + 1 tokens
+    num_accepted  (B,)        int64   the row emits num_accepted + 1 tokens; -1 for an invalid row
   Any strides are fine as long as the vocabulary dimension of p is contiguous. Rows need not be normalised.
   check_values=True validates the tree structure on the host (node 0's parent is -1, every other parent is -1 or an
   earlier node, no node hangs under a padding node); it synchronises with the device, so a decoder's hot path passes
   False. The kernel itself never reads out of bounds on a malformed tree: it only ever walks to larger node indices.
+  Trees come padded to a common budget N + 1 (what engines with token trees use); the whole tree of a row sits in
+  registers, so a flattened form with ragged node counts would need a host-side bound on them and is not offered.
+
+  The launcher is registered with torch.library as the op minipass::accept_tree, with a fake (meta)
+  implementation, so torch.compile(fullgraph=True) keeps it as one op in its graph:
+      torch.ops.minipass.accept_tree(p, tokens, parents, u_accept, u_sample, check_values, block_v)
+  accept_tree() checks the Python arguments and calls it. The input checks (shapes, strides, dtypes, devices) run
+  once per distinct input signature and are cached; the fake implementation runs them while a graph is traced.
 
 Grid and memory traffic
 -----------------------
@@ -77,7 +95,7 @@ min(4096, next_power_of_2(V))). The walk is sequential by nature. Per row:
   - the rejected children's tokens of the current node are kept in a small vector (at most BLOCK_N entries, one per
     distinct rejected token with mass), which the emission passes use to zero those tokens;
   - the emission reads p[cur] in two passes:
-        pass A: mass of P' (rejected tokens zeroed), mass of max(p[cur], 0), argmax of p[cur];
+        pass A: mass of P' (rejected tokens zeroed), mass of max(p[cur], 0), argmax of p[cur], finiteness;
         pass B: running sum of per-block sums (added in the same order as in pass A, so the running sum reaches
                 the mass with the same arithmetic) until the block that crosses u * mass, then tl.cumsum inside
                 that block; it stops there, so it reads half of V on average.
@@ -127,14 +145,16 @@ _MAX_BLOCK_V = 4096
 
 @triton.jit
 def _row_mass(row_ptr, V, BLOCK_V: tl.constexpr):
-    # sum(max(p, 0)) in the block order pass A uses too.
+    # sum(max(p, 0)) in the block order pass A uses too, and whether the row holds a value that is not finite.
     offs0 = tl.arange(0, BLOCK_V)
     mass = 0.0
+    n_bad = 0
     for start in range(0, V, BLOCK_V):
         offs = start + offs0
         x = tl.load(row_ptr + offs, mask=offs < V, other=0.0).to(tl.float32)
         mass += tl.sum(tl.maximum(x, 0.0), 0)
-    return mass
+        n_bad += tl.sum(((tl.abs(x) < float("inf")) == 0).to(tl.int32), 0)
+    return mass, n_bad > 0
 
 
 @triton.jit
@@ -149,7 +169,8 @@ def _zero_rejected(x, offs, rejected, n_rejected, lanes):
 
 @triton.jit
 def _sample_without(row_ptr, V, u, rejected, n_rejected, lanes, BLOCK_V: tl.constexpr):
-    """Inverse-CDF sample of max(p, 0) with the rejected tokens zeroed; falls back to max(p, 0), then argmax(p)."""
+    """Inverse-CDF sample of max(p, 0) with the rejected tokens zeroed; falls back to max(p, 0), then argmax(p).
+    -1 if the row holds a value that is not finite."""
     offs0 = tl.arange(0, BLOCK_V)
 
     # Pass A: the masses decide which distribution to sample; argmax is the last resort.
@@ -157,10 +178,12 @@ def _sample_without(row_ptr, V, u, rejected, n_rejected, lanes, BLOCK_V: tl.cons
     mass_p = 0.0
     best = float("-inf")
     best_i = 0
+    n_bad = 0
     for start in range(0, V, BLOCK_V):
         offs = start + offs0
         mask = offs < V
         p = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        n_bad += tl.sum(((tl.abs(p) < float("inf")) == 0).to(tl.int32), 0)
         pos = tl.maximum(p, 0.0)
         r = _zero_rejected(pos, offs, rejected, n_rejected, lanes)
         mass_r += tl.sum(r, 0)
@@ -170,6 +193,7 @@ def _sample_without(row_ptr, V, u, rejected, n_rejected, lanes, BLOCK_V: tl.cons
         # Strict > keeps the earliest block on ties, and tl.argmax the lowest index within a block.
         best_i = tl.where(block_max > best, start + tl.argmax(pv, 0), best_i)
         best = tl.maximum(best, block_max)
+    valid = n_bad == 0
     use_r = mass_r > 0.0
     has_mass = use_r | (mass_p > 0.0)
     target = u * tl.where(use_r, mass_r, mass_p)
@@ -181,7 +205,7 @@ def _sample_without(row_ptr, V, u, rejected, n_rejected, lanes, BLOCK_V: tl.cons
     tok = -1
     last = -1
     start = 0
-    while has_mass & (tok < 0) & (start < V):
+    while valid & has_mass & (tok < 0) & (start < V):
         offs = start + offs0
         mask = offs < V
         p = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -196,10 +220,11 @@ def _sample_without(row_ptr, V, u, rejected, n_rejected, lanes, BLOCK_V: tl.cons
         last = tl.maximum(last, last_pos)
         cum += s
         start += BLOCK_V
-    # No block crossed: u * mass rounded up to mass (u close to 1) or the inputs are not finite.
+    # No block crossed: u * mass rounded up to mass (u close to 1), or u is NaN.
     tok = tl.where(tok >= 0, tok, last)
     tok = tl.where(has_mass, tok, best_i)
-    return tl.minimum(tl.maximum(tok, 0), V - 1)
+    tok = tl.minimum(tl.maximum(tok, 0), V - 1)
+    return tl.where(valid, tok, -1)
 
 
 @triton.jit
@@ -230,6 +255,7 @@ def _accept_tree_kernel(
     out = tl.full([BLOCK_N], -1, tl.int32)       # lane k: the k-th emitted token
     rejected = tl.full([BLOCK_N], -1, tl.int32)  # rejected tokens of cur's children, compacted
     n_rejected = 0
+    bad = False
     go = True
     while go:
         row = row0 + cur.to(tl.int64) * stride_pn
@@ -240,10 +266,11 @@ def _accept_tree_kernel(
         n_rejected = 0
         mass = 0.0
         if tl.max(kids.to(tl.int32), 0) > 0:
-            mass = _row_mass(row, V, BLOCK_V)
+            # The row's one full read before its children are tried; a row that is not finite ends the walk.
+            mass, bad = _row_mass(row, V, BLOCK_V)
         nxt = -1
         prev = cur
-        trying = True
+        trying = bad == 0
         while trying:
             c = tl.min(tl.where(kids & (lanes > prev), lanes, BLOCK_N), 0)  # next child in index order
             has_child = c < BLOCK_N
@@ -268,21 +295,32 @@ def _accept_tree_kernel(
         j += go.to(tl.int32)
         cur = tl.where(go, nxt, cur)
 
-    # cur is the last accepted node (or the root), rejected its rejected children's tokens.
-    u = tl.load(us_ptr + b * stride_usb)
-    emitted = _sample_without(row0 + cur.to(tl.int64) * stride_pn, V, u, rejected, n_rejected, lanes, BLOCK_V)
-    out = tl.where(lanes == j, emitted, out)
+    # cur is the last accepted node (or the root), rejected its rejected children's tokens. A leaf's row is first
+    # read here, so the emission checks it too.
+    emitted = -1
+    if bad == 0:
+        u = tl.load(us_ptr + b * stride_usb)
+        emitted = _sample_without(row0 + cur.to(tl.int64) * stride_pn, V, u, rejected, n_rejected, lanes, BLOCK_V)
+    valid = emitted >= 0
+    out = tl.where(valid, tl.where(lanes == j, emitted, out), -1)
+    path = tl.where(valid, path, -1)
     tl.store(out_ptr + b * stride_ob + lanes64, out.to(tl.int64), mask=in_tree)
     tl.store(path_ptr + b * stride_pathb + lanes64, path.to(tl.int64), mask=lanes < N1 - 1)
-    tl.store(nacc_ptr + b, j.to(tl.int64))
+    tl.store(nacc_ptr + b, tl.where(valid, j, -1).to(tl.int64))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Launcher
+# Launcher, registered as the torch op minipass::accept_tree
 # ----------------------------------------------------------------------------------------------------------------------
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _INTS = (torch.int64, torch.int32)
+# triton.jit reads the variable when the kernel is defined, so this is the mode it runs in.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Without a register limit ptxas sometimes stops at 48-80 registers and spills (sm_90 more than sm_80); the hardware's
+# limit, stated, makes it keep every value in registers (at most 168 per thread: python -m kernels.lower_acceptance).
+# One program per row, so the occupancy this gives up matters only when B exceeds the number of SMs.
+MAX_REGISTERS = 255
 
 
 def _check_tensor(name, x, shape, dtypes, device, dtype_words):
@@ -296,9 +334,15 @@ def _check_tensor(name, x, shape, dtypes, device, dtype_words):
         raise ValueError(f"{name} must be on {device} like p, got {x.device}.")
 
 
-def _check_inputs(p, tokens, parents, u_accept, u_sample):
-    if not isinstance(p, torch.Tensor):
-        raise TypeError(f"p must be a torch.Tensor, got {type(p).__name__}.")
+def _check_types(**tensors):
+    # Before the op call, so that a non-tensor gets this message rather than the dispatcher's.
+    for name, x in tensors.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
+
+
+def _check_inputs(p, tokens, parents, u_accept, u_sample, on_device=True):
+    _check_types(p=p, tokens=tokens, parents=parents, u_accept=u_accept, u_sample=u_sample)
     if p.dim() != 3 or p.shape[1] < 1 or p.shape[2] < 1:
         raise ValueError(f"p must have shape (B, N+1, V) with N+1 >= 1 and V >= 1, got {tuple(p.shape)}.")
     B, N1, V = p.shape
@@ -306,9 +350,9 @@ def _check_inputs(p, tokens, parents, u_accept, u_sample):
     _check_tensor("p", p, (B, N1, V), _FLOATS, device, "float32, float16 or bfloat16")
     if p.stride(2) != 1 and V > 1:
         raise ValueError(f"p must be contiguous in its last (vocabulary) dimension, got strides {p.stride()}.")
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if on_device and device.type != "cuda" and not _INTERPRET:
         raise ValueError(f"p must be on a CUDA device for the Triton kernel (or set TRITON_INTERPRET=1 before "
-                         f"importing triton to run it on the CPU), got {device}.")
+                         f"importing it to run it on the CPU), got {device}.")
     _check_tensor("tokens", tokens, (B, N1), _INTS, device, "int32 or int64")
     _check_tensor("parents", parents, (B, N1), _INTS, device, "int32 or int64")
     _check_tensor("u_accept", u_accept, (B, N1), (torch.float32,), device, "float32")
@@ -341,38 +385,99 @@ def _check_tree(parents):
                          f"padding nodes must not have children.")
 
 
-def _launch_config(V, block_v):
-    if block_v is None:
-        block_v = min(_MAX_BLOCK_V, triton.next_power_of_2(V))
-    elif isinstance(block_v, bool) or not isinstance(block_v, int) or block_v < 16 or block_v & (block_v - 1):
+def _check_block_v(block_v):
+    if block_v is not None and (isinstance(block_v, bool) or not isinstance(block_v, int) or block_v < 16
+                                or block_v & (block_v - 1)):
         raise ValueError(f"block_v must be a power of two >= 16, got {block_v!r}.")
-    return block_v, (8 if block_v >= 2048 else 4)
+
+
+def _pow2_at_least(x):
+    return 1 << (x - 1).bit_length()
+
+
+def _outputs(p, B, N):
+    return (torch.empty((B, N + 1), dtype=torch.int64, device=p.device),
+            torch.empty((B, N), dtype=torch.int64, device=p.device),
+            torch.empty((B,), dtype=torch.int64, device=p.device))
+
+
+def _plan(p, tokens, parents, u_accept, u_sample, block_v):
+    """Checks and launch parameters: (B, N, V, strides, BLOCK_N, BLOCK_V, num_warps).
+
+    They read only shapes, strides, dtypes and devices, so they are computed once per signature and cached."""
+    _check_block_v(block_v)
+    B, N, V = _check_inputs(p, tokens, parents, u_accept, u_sample)
+    # The outputs are contiguous: rows of N + 1 tokens and of N path entries (path row stride 1 when N = 0, where
+    # every store to it is masked off).
+    strides = (p.stride(0), p.stride(1), tokens.stride(0), tokens.stride(1), parents.stride(0), parents.stride(1),
+               u_accept.stride(0), u_accept.stride(1), u_sample.stride(0), N + 1, max(N, 1))
+    return (B, N, V, strides) + launch_params(N, V, block_v)
+
+
+def launch_params(N, V, block_v=None):
+    """(BLOCK_N, BLOCK_V, num_warps) the launcher picks for trees of N + 1 nodes."""
+    BLOCK_V = block_v or min(_MAX_BLOCK_V, _pow2_at_least(V))
+    return _pow2_at_least(N + 1), BLOCK_V, (8 if BLOCK_V >= 2048 else 4)
+
+
+_PLANS = {}
+
+
+def _cached_plan(p, tokens, parents, u_accept, u_sample, block_v):
+    key = (block_v, p.shape, p.stride(), p.dtype, p.device,
+           tokens.shape, tokens.stride(), tokens.dtype, tokens.device,
+           parents.shape, parents.stride(), parents.dtype, parents.device,
+           u_accept.shape, u_accept.stride(), u_accept.dtype, u_accept.device,
+           u_sample.shape, u_sample.stride(), u_sample.dtype, u_sample.device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _plan(p, tokens, parents, u_accept, u_sample, block_v)
+        if len(_PLANS) >= 4096:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def _accept_tree_impl(p, tokens, parents, u_accept, u_sample, check_values, block_v):
+    B, N, V, strides, BLOCK_N, BLOCK_V, num_warps = _cached_plan(p, tokens, parents, u_accept, u_sample, block_v)
+    if check_values:
+        _check_tree(parents)
+    out_tokens, path, num_accepted = _outputs(p, B, N)
+    if B == 0:
+        return out_tokens, path, num_accepted
+    # With N = 0 path is empty; pass a real allocation so the kernel never sees a null pointer.
+    _accept_tree_kernel[(B,)](
+        p, tokens, parents, u_accept, u_sample, out_tokens, path if N > 0 else out_tokens, num_accepted,
+        N + 1, V, *strides,
+        BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, num_warps=num_warps, maxnreg=MAX_REGISTERS,
+    )
+    return out_tokens, path, num_accepted
+
+
+def _accept_tree_fake(p, tokens, parents, u_accept, u_sample, check_values, block_v):
+    _check_block_v(block_v)
+    B, N, V = _check_inputs(p, tokens, parents, u_accept, u_sample, on_device=False)
+    return _outputs(p, B, N)
+
+
+_LIB = torch.library.Library("minipass", "FRAGMENT")
+if not hasattr(torch.ops.minipass, "accept_tree"):  # else a second copy of this file, imported under another name
+    _LIB.define("accept_tree(Tensor p, Tensor tokens, Tensor parents, Tensor u_accept, Tensor u_sample, "
+                "bool check_values, int? block_v) -> (Tensor, Tensor, Tensor)")
+    for _key in ("CPU", "CUDA"):
+        _LIB.impl("accept_tree", _accept_tree_impl, _key)
+    torch.library.register_fake("minipass::accept_tree", _accept_tree_fake, lib=_LIB)
 
 
 def accept_tree(p, tokens, parents, u_accept, u_sample, *, check_values=True, block_v=None):
     """Verify a token tree per row: (out_tokens (B, N+1), path (B, N), num_accepted (B,)), all int64.
 
-    See the module docstring for the rule and the shapes. check_values=False skips the host-side tree check (and
-    its sync); block_v (a power of two >= 16) overrides the vocabulary block."""
-    B, N, V = _check_inputs(p, tokens, parents, u_accept, u_sample)
-    BLOCK_V, num_warps = _launch_config(V, block_v)
-    if check_values:
-        _check_tree(parents)
-    out_tokens = torch.empty((B, N + 1), dtype=torch.int64, device=p.device)
-    path = torch.empty((B, N), dtype=torch.int64, device=p.device)
-    num_accepted = torch.empty((B,), dtype=torch.int64, device=p.device)
-    if B == 0:
-        return out_tokens, path, num_accepted
-    # With N = 0 every store to path is masked off; pass a real allocation so the kernel never sees a null pointer.
-    path_arg = path if N > 0 else out_tokens
-    _accept_tree_kernel[(B,)](
-        p, tokens, parents, u_accept, u_sample, out_tokens, path_arg, num_accepted,
-        N + 1, V,
-        p.stride(0), p.stride(1), tokens.stride(0), tokens.stride(1), parents.stride(0), parents.stride(1),
-        u_accept.stride(0), u_accept.stride(1), u_sample.stride(0), out_tokens.stride(0), path_arg.stride(0),
-        BLOCK_N=triton.next_power_of_2(N + 1), BLOCK_V=BLOCK_V, num_warps=num_warps,
-    )
-    return out_tokens, path, num_accepted
+    See the module docstring for the rule, the shapes and invalid rows (num_accepted -1). check_values=False skips
+    the host-side tree check (and its sync); block_v (a power of two >= 16) overrides the vocabulary block. The
+    launch is the op torch.ops.minipass.accept_tree."""
+    _check_types(p=p, tokens=tokens, parents=parents, u_accept=u_accept, u_sample=u_sample)
+    _check_block_v(block_v)
+    return torch.ops.minipass.accept_tree(p, tokens, parents, u_accept, u_sample, bool(check_values), block_v)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -396,26 +501,29 @@ def _sample_ref(r, p, u):
 
 
 def accept_tree_ref(p, tokens, parents, u_accept, u_sample):
-    """Torch reference for accept_tree(): same outputs, vectorised over rows, one step per node index.
+    """Torch reference for accept_tree(): same outputs, vectorised over rows, one step per node index, no host sync.
 
     Nodes are visited in index order: node i is tried iff its parent is the current node when its turn comes. This
     is the kernel's walk, because a node's children come after it and an accepted child's later siblings are never
-    tried."""
+    tried. A row stops trying once it has reached a node whose row is not finite."""
     B, N1, V = p.shape
     N = N1 - 1
     dev = p.device
     rows = torch.arange(B, device=dev)
     p = p.float()
     tokens, parents = tokens.long(), parents.long()
+    row_ok = p.isfinite().all(-1)                                   # (B, N+1)
 
     cur = torch.zeros(B, dtype=torch.long, device=dev)
     num_accepted = torch.zeros(B, dtype=torch.long, device=dev)
     path = torch.full((B, N), -1, dtype=torch.long, device=dev)
+    slots = torch.arange(N, device=dev)
+    invalid = ~row_ok[:, 0]
     P = p[:, 0].clamp_min(0)                                        # P' of the current node, (B, V)
     mass = P.sum(-1)
     for i in range(1, N1):
         t = tokens[:, i]
-        tried = (parents[:, i] == cur) & (t >= 0) & (t < V)
+        tried = ~invalid & (parents[:, i] == cur) & (t >= 0) & (t < V)
         t_safe = torch.where(tried, t, 0)[:, None]                  # (B, 1)
         p_t = P.gather(1, t_safe)[:, 0]
         pt = torch.where(tried, p_t, 0.0)
@@ -423,16 +531,17 @@ def accept_tree_ref(p, tokens, parents, u_accept, u_sample):
         drop = ~acc & (pt > 0)
         mass = torch.where(drop, (mass - pt).clamp_min(0), mass)
         P = P.scatter(1, t_safe, torch.where(drop, 0.0, p_t)[:, None])
-        slot = num_accepted.clamp(max=N - 1)[:, None]
-        path = path.scatter(1, slot, torch.where(acc[:, None], i, path.gather(1, slot)))
+        path = torch.where(acc[:, None] & (slots == num_accepted[:, None]), i, path)
         cur = torch.where(acc, i, cur)
         P = torch.where(acc[:, None], p[:, i].clamp_min(0), P)
         mass = torch.where(acc, P.sum(-1), mass)
         num_accepted += acc.long()
+        invalid |= acc & ~row_ok[:, i]
 
-    emitted = _sample_ref(P, p[rows, cur], u_sample)
+    ok = ~invalid[:, None]
+    emitted = _sample_ref(torch.where(ok, P, 0.0), torch.where(ok, p[rows, cur], 0.0), u_sample)
     cols = torch.arange(N1, device=dev)
     path_tokens = tokens.gather(1, torch.cat([path, path.new_full((B, 1), -1)], 1).clamp_min(0))  # (B, N+1)
     out_tokens = torch.where(cols < num_accepted[:, None], path_tokens, -1)
     out_tokens[rows, num_accepted] = emitted
-    return out_tokens, path, num_accepted
+    return (torch.where(ok, out_tokens, -1), torch.where(ok, path, -1), torch.where(invalid, -1, num_accepted))

@@ -1,12 +1,10 @@
 """kernels/acceptance.py: the Triton verification kernels against their torch references, the references against
-the target distribution (chi-square), and the launchers' error messages.
+the target distribution (chi-square), invalid rows, the flattened form against the padded one, and the launchers'
+error messages. (GPU code generation: test_acceptance_lowering.py; the torch ops: test_acceptance_ops.py.)
 
 Without a GPU the kernels run under the Triton interpreter (numpy), so shapes stay small."""
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import torch
 
@@ -67,8 +65,12 @@ def _check_against_ref(p, drafts, num_drafts, u_accept, u_sample, q=None, **kw):
 
 
 def _check_invariants(p, num_drafts, tokens, num_accepted):
-    """Shape of the output rows, and the emitted token is in range with mass wherever its distribution has mass."""
+    """Shape of the output rows, and the emitted token is in range with mass wherever its distribution has mass.
+    Invalid rows (num_accepted -1) are all -1; the other rows are checked."""
     p, tokens, num_accepted = p.float().cpu(), tokens.cpu(), num_accepted.cpu()
+    invalid = num_accepted == -1
+    assert (tokens[invalid] == -1).all()
+    p, tokens, num_accepted, num_drafts = p[~invalid], tokens[~invalid], num_accepted[~invalid], num_drafts[~invalid]
     B, K1, V = p.shape
     n = num_drafts.cpu().long().clamp(0, K1 - 1)
     assert ((num_accepted >= 0) & (num_accepted <= n)).all()
@@ -510,7 +512,190 @@ def test_accept_from_logits_multiple_blocks_and_k0():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 4. Launcher errors
+# 4. Invalid rows: a value the rule reads is not finite
+# ----------------------------------------------------------------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _assert_invalid_rows(tokens, num_accepted, invalid):
+    invalid = torch.tensor(invalid)
+    assert torch.equal(num_accepted < 0, invalid)
+    assert (tokens[invalid] == -1).all() and (num_accepted[invalid] == -1).all()
+    assert (tokens[~invalid] >= -1).all() and (num_accepted[~invalid] >= 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rows_reading_non_finite_probabilities_are_invalid(dtype):
+    """Every row has K = 3 drafts and u_accept = 0, so a finite row accepts each draft with p_k(d_k) > 0.
+    Each row plants one non-finite value; the row is invalid iff the rule reads it."""
+    B, K, V = 10, 3, 50
+    g = _gen(30)
+    p = torch.softmax(torch.randn(B, K + 1, V, generator=g), -1)
+    q = torch.softmax(torch.randn(B, K, V, generator=g), -1)
+    drafts = torch.randint(0, V, (B, K), generator=g)
+    other = (drafts + 1) % V
+    n = torch.full((B,), K)
+    u_a, u_s = torch.zeros(B, K), torch.rand(B, generator=g)
+    p[0, 0, other[0, 0]] = NAN          # accepted row 0, only p_0(d_0) read: valid
+    p[1, K, 7] = NAN                    # the bonus row, read in full: invalid
+    p[2, 1, drafts[2, 1]] = INF         # p_1(d_1) = inf stops the run at 1, then p_1 is read: invalid
+    p[3, 2, drafts[3, 2]] = 0.0         # rejected at 2 ...
+    p[3, 2, 11] = -INF                  # ... and p_2 is read in full: invalid
+    q[4, 1, drafts[4, 1]] = NAN         # q_1(d_1) = NaN stops the run at 1, and q_1 is read: invalid
+    q[5, 2, other[5, 2]] = INF          # all accepted: q_2 past the bonus position is not read: valid
+    p[6, 0, drafts[6, 0]] = 0.0         # rejected at 0 ...
+    p[6, 2, 3] = NAN                    # ... so p_2 is never read: valid
+    n[7] = 1
+    p[7, 2, 5] = INF                    # past n_7 = 1: valid
+    p[8, 1] = NAN                       # a whole row of NaN at the bonus position of n_8 = 1: invalid
+    n[8] = 1
+    p, q = p.to(dtype), q.to(dtype)
+    tokens, num_accepted = _check_against_ref(p, drafts, n, u_a, u_s, q)
+    _assert_invalid_rows(tokens, num_accepted, [False, True, True, True, True, False, False, False, True, False])
+    assert num_accepted[[0, 5, 9]].tolist() == [K, K, K] and num_accepted[[6, 7]].tolist() == [0, 1]
+
+    # Without q the same rows, except those planted in q, which are now finite and accept everything.
+    tokens, num_accepted = _check_against_ref(p, drafts, n, u_a, u_s)
+    _assert_invalid_rows(tokens, num_accepted, [False, True, True, True, False, False, False, False, True, False])
+
+    # Valid rows are unaffected by the invalid ones: the same rows alone give the same outputs.
+    valid = num_accepted >= 0
+    alone, alone_j = _check_against_ref(p[valid], drafts[valid], n[valid], u_a[valid], u_s[valid])
+    assert torch.equal(alone, tokens[valid]) and torch.equal(alone_j, num_accepted[valid])
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9), (0.0, 0, 1.0)])
+def test_rows_transforming_nan_or_inf_logits_are_invalid(temperature, top_k, top_p):
+    """Target row k and draft row k are transformed before draft k is tested; the row stops at the first one
+    holding NaN or +inf. -inf only masks a token."""
+    B, K, V = 8, 2, 60
+    g = _gen(31)
+    target = torch.randn(B, K + 1, V, generator=g) * 2
+    draft = target[:, :K] + 0.1 * torch.randn(B, K, V, generator=g)
+    drafts = target[:, :K].argmax(-1)              # the argmax of each target row: accepted at u = 0
+    n = torch.full((B,), K)
+    u_a, u_s = torch.zeros(B, K), torch.rand(B, generator=g)
+    target[0, 0, 3] = NAN                           # the first transformed row: invalid
+    target[1, K, 3] = INF                           # the bonus row: invalid
+    draft[2, 1, 3] = NAN                            # draft row 1, transformed to test draft 1: invalid
+    target[3, :, :V // 2] = -INF                    # masked tokens: valid
+    target[4, 1, 9] = NAN                           # rejected at 0 (p(d_0) = 0), row 1 never transformed: valid
+    target[4, 0, drafts[4, 0]] = -INF
+    target[5] = -INF                                # no mass anywhere: valid, emits index 0
+    draft[6, 0, 0] = INF                            # invalid
+    args = _to(target, drafts, n, u_a, u_s, draft)
+    tokens, num_accepted = accept_from_logits(*args, temperature, top_k, top_p)
+    tokens_ref, num_accepted_ref = accept_from_logits_ref(*args, temperature, top_k, top_p)
+    assert torch.equal(tokens.cpu(), tokens_ref.cpu()) and torch.equal(num_accepted.cpu(), num_accepted_ref.cpu())
+    _assert_invalid_rows(tokens.cpu(), num_accepted.cpu(), [True, True, True, False, False, False, True, False])
+    assert num_accepted[4] == 0 and tokens[5, num_accepted[5]] == 0
+
+    # Deterministic drafts: the draft logits are not read, so rows 2 and 6 are valid.
+    tokens, num_accepted = accept_from_logits(*args[:5], None, temperature, top_k, top_p)
+    tokens_ref, num_accepted_ref = accept_from_logits_ref(*args[:5], None, temperature, top_k, top_p)
+    assert torch.equal(tokens.cpu(), tokens_ref.cpu()) and torch.equal(num_accepted.cpu(), num_accepted_ref.cpu())
+    _assert_invalid_rows(tokens.cpu(), num_accepted.cpu(), [True, True, False, False, False, False, False, False])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. The flattened form: drafts of all rows concatenated, cumulative counts
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _flatten(p, q, drafts, n, u_a):
+    """The padded inputs in the flattened form: row b contributes n_b + 1 target rows and n_b draft entries."""
+    n = n.long().clamp(0, drafts.shape[1])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), n.cumsum(0)])
+    take = lambda x, extra: torch.cat([x[b, : int(n[b]) + extra] for b in range(len(n))])  # noqa: E731
+    return take(p, 1), None if q is None else take(q, 0), take(drafts, 0), cu, take(u_a, 0)
+
+
+def _assert_flat_matches_padded(flat, padded, n, cu):
+    tokens_f, j_f = (x.cpu() for x in flat)
+    tokens_p, j_p = (x.cpu() for x in padded)
+    assert torch.equal(j_f, j_p)
+    for b in range(len(n)):
+        nb, start = int(n[b]), int(cu[b]) + b
+        assert torch.equal(tokens_f[start: start + nb + 1], tokens_p[b, : nb + 1])
+        assert (tokens_p[b, nb + 1:] == -1).all()
+    assert tokens_f.shape == (int(cu[-1]) + len(n),)
+
+
+@pytest.mark.parametrize("B, K, V, dtype, with_q", [
+    (9, 4, 300, torch.float32, True),
+    (9, 4, 300, torch.float16, False),
+    (5, 40, 37, torch.float32, True),       # rows of up to 40 drafts: two chunks of 32 accept tests
+    (4, 3, 50, torch.float32, False),
+])
+def test_flattened_form_equals_padded_form_row_by_row(B, K, V, dtype, with_q):
+    p, q, drafts, n, u_a, u_s = _random_case(B, K, V, dtype, with_q, seed=40 + K, sharp=2.0)
+    if K > 32:
+        n[:2] = torch.tensor([K, 35])
+        u_a = u_a * 0.01                                # long runs of accepts, past the first chunk
+    n[0] = 0 if K < 32 else n[0]
+    p[1, 0, 5] = NAN                                    # an invalid row (read in full unless drafts are accepted)
+    p_f, q_f, d_f, cu, ua_f = _flatten(p, q, drafts, n, u_a)
+    padded = _check_against_ref(p, drafts, n, u_a, u_s, q)
+    flat = accept(*_to(p_f, d_f, cu, ua_f, u_s), None if q_f is None else q_f.to(DEVICE))
+    _assert_flat_matches_padded(flat, padded, n, cu)
+    flat_ref = accept_ref(p_f, d_f, cu, ua_f, u_s, q_f)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(flat, flat_ref))
+    if K > 32:
+        assert padded[1].max() > 32
+
+    cu32 = cu.int()                                     # int32 offsets and int32 drafts work the same
+    flat32 = accept(*_to(p_f, d_f.int(), cu32, ua_f, u_s), None if q_f is None else q_f.to(DEVICE))
+    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(flat32, flat))
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, with_draft", [
+    (1.0, 0, 1.0, True), (0.7, 5, 0.9, False), (0.0, 0, 1.0, True), (0.8, 7, 0.8, True)])
+def test_flattened_logits_equal_padded_row_by_row(temperature, top_k, top_p, with_draft):
+    B, K, V = 7, 3, 150
+    target, draft, drafts, n, u_a, u_s = _logits(B, K, V, seed=41, with_draft=with_draft)
+    target[2, 0, 0] = NAN
+    t_f, q_f, d_f, cu, ua_f = _flatten(target, draft, drafts, n, u_a)
+    padded = accept_from_logits(*_to(target, drafts, n, u_a, u_s), None if draft is None else draft.to(DEVICE),
+                                temperature, top_k, top_p)
+    flat = accept_from_logits(*_to(t_f, d_f, cu, ua_f, u_s), None if q_f is None else q_f.to(DEVICE),
+                              temperature, top_k, top_p)
+    _assert_flat_matches_padded(flat, padded, n, cu)
+    flat_ref = accept_from_logits_ref(t_f, d_f, cu, ua_f, u_s, q_f, temperature, top_k, top_p)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(flat, flat_ref))
+    assert padded[1][2] == -1
+
+
+def test_flattened_form_without_drafts():
+    """T = 0: every row verifies nothing and emits one token from its only target row."""
+    B, V = 4, 90
+    p = torch.softmax(torch.randn(B, V, generator=_gen(42)), -1)
+    u_s = torch.rand(B, generator=_gen(43))
+    args = (p, torch.zeros(0, dtype=torch.long), torch.zeros(B + 1, dtype=torch.long), torch.zeros(0), u_s)
+    tokens, num_accepted = accept(*_to(*args))
+    tokens_ref, num_accepted_ref = accept_ref(*args)
+    padded, _ = accept_ref(p[:, None], torch.zeros(B, 0).long(), torch.zeros(B).long(), torch.zeros(B, 0), u_s)
+    assert torch.equal(tokens.cpu(), tokens_ref) and torch.equal(tokens_ref, padded[:, 0])
+    assert (num_accepted.cpu() == 0).all() and torch.equal(num_accepted.cpu(), num_accepted_ref)
+
+
+def test_flattened_offsets_are_checked_unless_told_not_to():
+    B, V = 3, 40
+    p = torch.softmax(torch.randn(4 + B, V, generator=_gen(44)), -1)
+    drafts, u_a, u_s = torch.randint(0, V, (4,), generator=_gen(45)), torch.rand(4), torch.rand(B)
+    for cu, message in [([1, 2, 3, 4], "got first 1 and last 4"), ([0, 3, 2, 4], "it decreases after row 1"),
+                        ([0, 1, 2, 3], "end at T = 4")]:
+        with pytest.raises(ValueError, match="cu_num_drafts must start at 0, never decrease and end at T = 4"):
+            accept(*_to(p, drafts, torch.tensor(cu), u_a, u_s))
+        with pytest.raises(ValueError, match=message):
+            accept_from_logits(*_to(p, drafts, torch.tensor(cu), u_a, u_s))
+    # Unchecked, malformed offsets are clamped into [0, T]: the outputs stay in range, nothing is read out of bounds.
+    tokens, num_accepted = accept(*_to(p, drafts, torch.tensor([2, 9, -5, 3]), u_a, u_s), check_values=False)
+    assert ((tokens.cpu() >= -1) & (tokens.cpu() < V)).all() and ((num_accepted >= 0) & (num_accepted <= 4)).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. Launcher errors
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -520,7 +705,8 @@ def _good(B=2, K=2, V=16):
 
 
 @pytest.mark.parametrize("change, error, message", [
-    (dict(p=torch.rand(2, 16)), ValueError, r"p must have shape \(B, K\+1, V\).*got \(2, 16\)"),
+    (dict(p=torch.rand(2, 3, 1, 16)), ValueError, r"p must have shape \(B, K\+1, V\).*got \(2, 3, 1, 16\)"),
+    (dict(p=torch.rand(4, 16)), ValueError, r"draft_tokens must have shape \(T,\) in the flattened form"),
     (dict(p=torch.ones(2, 3, 16).long()), TypeError, "p must be float32, float16 or bfloat16, got torch.int64"),
     (dict(p=torch.rand(2, 16, 3).transpose(1, 2)), ValueError, "p must be contiguous in its last"),
     (dict(p=[[0.5]]), TypeError, "p must be a torch.Tensor, got list"),
@@ -557,51 +743,6 @@ def test_accept_from_logits_rejects_bad_options(change, message):
     kwargs.update(change)
     with pytest.raises(ValueError, match=message):
         accept_from_logits(**kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# GPU code generation without a GPU, and GPU-only checks: bf16 (the interpreter has no bf16), the benchmark shape
-# ----------------------------------------------------------------------------------------------------------------------
-
-_COMPILE_FOR_HOPPER = textwrap.dedent("""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from kernels import acceptance as A
-
-    def signature(kernel, dtype, constexprs):
-        types = {}
-        for name in kernel.arg_names:
-            if name in constexprs:
-                types[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                types[name] = {"p_ptr": dtype, "q_ptr": dtype, "t_ptr": dtype, "ua_ptr": "*fp32",
-                               "us_ptr": "*fp32"}.get(name, "*i64")
-            else:
-                types[name] = "fp32" if name in ("c", "top_k", "top_p") else "i32"
-        return types
-
-    for kernel, constexprs in [
-        (A._accept_kernel, dict(HAS_Q=True, BLOCK_K=8, BLOCK_V=4096)),
-        (A._accept_logits_kernel, dict(HAS_Q=True, GREEDY=False, USE_TOP_K=True, USE_TOP_P=True, BLOCK_K=8,
-                                       BLOCK_V=4096)),
-    ]:
-        src = ASTSource(kernel, signature(kernel, "*bf16", constexprs), constexprs=constexprs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-        assert compiled.asm["cubin"]
-""")
-
-
-def test_kernels_compile_for_hopper():
-    """The interpreter runs code that the GPU compiler may reject: lower both kernels to an sm_90 cubin (bf16 inputs).
-
-    Runs in a subprocess because under TRITON_INTERPRET the kernels are not compilable objects."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], cwd=root, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

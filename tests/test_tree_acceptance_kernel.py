@@ -78,6 +78,9 @@ def _check_invariants(p, tokens, parents, out, path, num_accepted):
     B, N1, V = p.shape
     for b in range(B):
         j = num_accepted[b].item()
+        if j == -1:                                               # an invalid row
+            assert (out[b] == -1).all() and (path[b] == -1).all()
+            continue
         cur = 0
         for k in range(j):
             node = path[b, k].item()
@@ -238,6 +241,30 @@ def test_uniform_edges():
     # Rows 0-4: token 10 rejected, P' = 0.25 on each of {3, 500, 997}. Rows 6-7: P' = p[0], u * mass on a step.
     assert out[[0, 1, 2, 3, 4, 6, 7], 0].tolist() == [3, 500, 997, 997, 500, 500, 10]
     assert num_accepted.tolist() == [0, 0, 0, 0, 0, 1, 0, 0] and out[5].tolist() == [10, 42]
+
+
+def test_rows_visiting_non_finite_targets_are_invalid():
+    """One tree for all rows: root -> 1 -> 2 -> 3, root -> 4. u_accept = 0 accepts every candidate with mass, so a
+    finite row walks to node 3. Each row plants one non-finite value; the row is invalid iff the walk visits it."""
+    B, V = 8, 30
+    parents = torch.tensor([[-1, 0, 1, 2, 0]] * B)
+    p = torch.softmax(torch.randn(B, 5, V, generator=_gen(50)), -1)
+    tokens = torch.tensor([[0, 4, 5, 6, 7]] * B)
+    u_a, u_s = torch.zeros(B, 5), torch.rand(B, generator=_gen(51))
+    p[0, 0, 9] = float("nan")                                     # the root: invalid
+    p[1, 2, 1] = float("inf")                                     # node 2, on the path: invalid
+    p[2, 3, 0] = -float("inf")                                    # node 3, the leaf where the walk ends: invalid
+    p[3, 4, 2] = float("nan")                                     # node 4 is never reached: valid
+    p[4, 1, 5] = 0.0                                              # node 2 rejected, the walk ends at node 1 ...
+    p[4, 2, 8] = float("nan")                                     # ... and never visits node 2: valid
+    p[5, 0] = float("nan")                                        # a whole row: invalid
+    tokens[6, 1] = V + 3                                          # root's first child out of range ...
+    p[6, 1, 3] = float("nan")                                     # ... so node 1's row is not visited: valid
+    for dtype in (torch.float32, torch.float16):
+        out, path, num_accepted = _check_against_ref(p.to(dtype), tokens, parents, u_a, u_s)
+        assert (num_accepted == -1).tolist() == [True, True, True, False, False, True, False, False]
+        assert num_accepted[[3, 4, 6, 7]].tolist() == [3, 1, 1, 3]  # row 6 takes node 4 after node 1 is rejected
+        assert (out[num_accepted == -1] == -1).all() and (path[num_accepted == -1] == -1).all()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
