@@ -84,19 +84,18 @@ class TreeTemplate:
 
     def __init__(self, cfg: TreeConfig, L: int, device=None):
         C, ell = cfg.ngram_chains, cfg.ngram_len
-        parent, depth, kind = [-1], [0], [0]
-        chain_c, chain_j = [0], [0]
+        parent, depth = [-1], [0]
         for c in range(C):
             for j in range(ell):
                 parent.append(0 if j == 0 else len(parent) - 1)
-                depth.append(j + 1), kind.append(1), chain_c.append(c), chain_j.append(j)
+                depth.append(j + 1)
         self.paths = self.rank_paths(cfg, L)
         where = {(): 0}
         la_start = len(parent)
         for path in self.paths:
             where[path] = len(parent)
             parent.append(where[path[:-1]])
-            depth.append(len(path)), kind.append(2), chain_c.append(0), chain_j.append(0)
+            depth.append(len(path))
         self.P, self.la_start, self.n_chain = len(parent), la_start, C * ell
         self.C, self.ell, self.L, self.topk = C, ell, L, cfg.topk
         self.max_depth = max(depth)
@@ -105,8 +104,7 @@ class TreeTemplate:
         for i, path in enumerate(self.paths):
             ranks[i, : len(path)] = torch.tensor(path)
         to = partial(torch.tensor, dtype=torch.long, device=device)
-        self.parent, self.depth, self.kind = to(parent), to(depth), to(kind)
-        self.chain_c, self.chain_j, self.ranks = to(chain_c), to(chain_j), ranks.to(device)
+        self.parent, self.depth, self.ranks = to(parent), to(depth), ranks.to(device)
         # Nodes of each depth, for the level-by-level merge.
         self.levels = [to([i for i, d in enumerate(depth) if d == t]) for t in range(1, self.max_depth + 1)]
         # Static score factors: n-gram chain nodes by depth; look-ahead (depth, rank) if calibrated.
