@@ -228,7 +228,8 @@ def main(argv=None) -> int:
         else:
             settings = [SamplingParams(args.temperature, args.top_k, args.top_p)]
 
-        model, tok, ckpt = load_checkpoint(args.ckpt, args.dtype, args.device, args.kernels)
+        model, tok, ckpt = load_checkpoint(args.ckpt, args.dtype, args.device, args.kernels,
+                                           check_weights=args.check_weights)
         device = model.embed_tokens.weight.device
         if args.compile:
             model.compile_for_decoding(**({"mode": "reduce-overhead"} if device.type == "cuda" else {}))
