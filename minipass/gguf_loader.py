@@ -65,7 +65,9 @@ def unpermute_qk(w, n_heads: int):
 
 
 def is_gguf(path: Path) -> bool:
-    """Whether `path` names a GGUF file: a .gguf name, or a file that starts with the GGUF magic."""
+    """Whether `path` names a GGUF file: a .gguf name that is not a directory, or a file with the GGUF magic."""
+    if path.is_dir():
+        return False
     if path.suffix.lower() == ".gguf":
         return True
     if not path.is_file():
