@@ -399,7 +399,8 @@ def bench(args: argparse.Namespace) -> None:
     settings = [SamplingParams(), SamplingParams(*PAPER_SAMPLING)] if args.temperature is None else \
         [SamplingParams(args.temperature, args.top_k, args.top_p)]
 
-    model, tok, ckpt = load_checkpoint(args.ckpt, args.dtype, args.device, args.kernels)
+    model, tok, ckpt = load_checkpoint(args.ckpt, args.dtype, args.device, args.kernels,
+                                   check_weights=args.check_weights)
     device = model.embed_tokens.weight.device
     compile_ = args.compile
     datasets = [load_prompts(d.strip(), tok, args.num_prompts) for d in args.dataset.split(",") if d.strip()]

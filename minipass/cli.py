@@ -33,11 +33,16 @@ def run_cli(work: Callable[[], None], interrupted: str = "") -> int:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", default=None,
-                        help="Hugging Face-layout checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+                        help="Hugging Face-layout checkpoint directory or GGUF file (default: the embedded "
+                             "SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="weights and activations dtype; auto (default): bf16 on CUDA and on CPUs with native "
                              "bf16 dot products, fp32 otherwise")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--check-weights", action="store_true",
+                        help="refuse weights that are NaN or infinite, in the file or once converted to --dtype "
+                             "(one read of the weights, about the cost of one decoding step: 0.2-1.3 s for the "
+                             "default model on 2 CPU cores)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:

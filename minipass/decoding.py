@@ -121,7 +121,7 @@ def start(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: 
 
     device = model.embed_tokens.weight.device
     B = len(prompts)
-    model.setup_caches(B, capacity)
+    model.setup_caches(B, capacity, call_width=width, prefill_len=longest - 1)  # refused first if it cannot fit
     lens = torch.tensor([len(p) for p in prompts], device=device)
     tokens = torch.zeros(B, capacity, dtype=torch.long)  # every committed token, prompt included, by position
     for b, p in enumerate(prompts):

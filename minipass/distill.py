@@ -78,7 +78,7 @@ def distill(args: argparse.Namespace) -> None:
     if args.num < 1 or args.batch_size < 1:
         raise MinipassError("--num and --batch-size must be at least 1")
     sampling = SamplingParams(args.temperature)
-    model, tok, _ = load_checkpoint(args.ckpt, args.dtype, args.device)
+    model, tok, _ = load_checkpoint(args.ckpt, args.dtype, args.device, check_weights=args.check_weights)
     chat = args.source == "sharegpt"
     prompts = sharegpt_train_prompts(args.num, args.seed) if chat else code_prompts(args.num, args.seed)
     texts = [tok.chat_prompt(p) if chat else p for p in prompts]

@@ -96,7 +96,7 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.num_prompts < 1 or args.batch_size < 1:
         raise MinipassError("--num-prompts and --batch-size must be at least 1")
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
-    model, tok, _ = load_checkpoint(args.ckpt, args.dtype, args.device)
+    model, tok, _ = load_checkpoint(args.ckpt, args.dtype, args.device, check_weights=args.check_weights)
     if args.lookahead_file:
         la = load_lookahead(args.lookahead_file, model, args.lookahead)
         source = args.lookahead_file

@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def generate(args: argparse.Namespace) -> None:
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
-    model, tok, _ = load_checkpoint(args.ckpt, args.dtype, args.device, args.kernels)
+    model, tok, _ = load_checkpoint(args.ckpt, args.dtype, args.device, args.kernels,
+                                   check_weights=args.check_weights)
     # A one-off generation has no calibration run to size the tree on: auto means the default budget here.
     options = decoder_options(args, args.lookahead, tree_nodes(args) or TreeConfig().nodes)
     la = None

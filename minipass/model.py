@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minipass.config import ModelArgs
+from minipass.memory import check_decode_memory
 
 try:  # the Triton kernel is optional: CPU-only machines, and platforms without Triton, use the torch path
     from kernels.attention import attention as triton_attention
@@ -201,12 +202,21 @@ class Transformer(nn.Module):
             self._rope = (angles.cos(), angles.sin())
         return self._rope
 
-    def setup_caches(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> None:
+    def setup_caches(self, batch_size: int, max_seq_len: int, dtype=None, device=None, call_width: int = 1,
+                     prefill_len: Optional[int] = None) -> None:
         """Allocate a static KV cache of `max_seq_len` slots per row: one tensor for all layers, so that moving
-        accepted tree tokens to consecutive slots is a single index copy (see move_cache_slots)."""
+        accepted tree tokens to consecutive slots is a single index copy (see move_cache_slots).
+
+        First checks that the cache and the activations of the widest forward call (call_width new tokens per row;
+        prefill_len prompt tokens, default the most that fit) fit in memory: see memory.check_decode_memory."""
         param = self.embed_tokens.weight
         dtype, device = dtype or param.dtype, device or param.device
         a = self.args
+        # Drop the previous cache first: its memory is reusable for the new one.
+        self.kv = None
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None
+        check_decode_memory(self, batch_size, max_seq_len, call_width, prefill_len, dtype, device)
         self.kv = torch.zeros(a.n_layers, 2, batch_size, a.n_kv_heads, max_seq_len, a.head_dim, dtype=dtype,
                               device=device)
         for i, layer in enumerate(self.layers):

@@ -2,6 +2,7 @@
 
 - `tokenizer.json` (Hugging Face `tokenizers`): byte-level BPE (SmolLM2, LLaMA 3, ...) or SentencePiece-style BPE.
 - `tokenizer.model` (SentencePiece): LLaMA 1/2, Mistral 7B, ...
+A GGUF file's vocabulary is rebuilt as one of the two (gguf_loader.py) and comes with the same settings in memory.
 
 Checkpoint conventions come from `tokenizer_config.json` (bos/eos tokens, `add_bos_token`, `chat_template`) and
 `config.json` / `generation_config.json` (`bos_token_id`, `eos_token_id`, int or list), when present.
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from minipass.errors import MinipassError
 
+CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer_config.json")
 _CHATML = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}" \
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 
@@ -43,13 +45,17 @@ def _ids(value) -> list[int]:
 
 
 class Tokenizer:
-    """Encode/decode text for one checkpoint directory; build it with `Tokenizer.from_dir(path)`."""
+    """Encode/decode text for one checkpoint; build it with `Tokenizer.from_dir(path)` (or, for a GGUF file, with
+    `GGUFCheckpoint(path).tokenizer()`)."""
 
-    def __init__(self, path: Path, hf=None, sp=None):
+    def __init__(self, path: Path, hf=None, sp=None, configs: dict | None = None):
+        """path names the tokenizer's source in messages; `configs` holds the contents of config.json,
+        generation_config.json and tokenizer_config.json under those names (default: read from the directory)."""
         self.path, self._hf, self._sp = path, hf, sp
-        config = _read_json(path / "config.json")
-        generation = _read_json(path / "generation_config.json")
-        tok_config = _read_json(path / "tokenizer_config.json")
+        in_files = configs is None
+        if in_files:
+            configs = {name: _read_json(path / name) for name in CONFIG_FILES}
+        config, generation, tok_config = (configs.get(name) or {} for name in CONFIG_FILES)
 
         # Special tokens by text; SentencePiece cannot match them in text itself, so encode() splits on them.
         if hf is not None:
@@ -81,7 +87,7 @@ class Tokenizer:
         self.bos_token = bos or (self.id_to_token(self.bos_id) if self.bos_id is not None else "")
         self.eos_token = eos or (self.id_to_token(self.eos_ids[0]) if self.eos_ids else "")
         self.add_bos: bool = tok_config.get("add_bos_token", self._post_processor_adds_bos() if hf else True)
-        self.chat_template: str | None = self._chat_template(path, tok_config)
+        self.chat_template: str | None = self._chat_template(path if in_files else None, tok_config)
         self._legacy = bool(tok_config.get("legacy", False))
 
     @classmethod
@@ -192,9 +198,9 @@ class Tokenizer:
             and with_special[0] in self._special_ids
 
     @staticmethod
-    def _chat_template(path: Path, tok_config: dict) -> str | None:
+    def _chat_template(path: Path | None, tok_config: dict) -> str | None:
         # Newer transformers save the template as its own file; older ones may store a list of named templates.
-        if (path / "chat_template.jinja").is_file():
+        if path is not None and (path / "chat_template.jinja").is_file():
             return (path / "chat_template.jinja").read_text(encoding="utf-8")
         template = tok_config.get("chat_template")
         if isinstance(template, list):

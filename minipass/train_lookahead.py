@@ -367,7 +367,8 @@ def train(args) -> Tensor:
         raise MinipassError(f"checkpoint {args.ckpt} has no tokenizer (tokenizer.json or tokenizer.model), which "
                             "training needs to read its data")
     torch.manual_seed(args.seed)
-    model, tok, ckpt_dir = load_checkpoint(args.ckpt, args.dtype, args.device, kernels="torch")
+    model, tok, ckpt_dir = load_checkpoint(args.ckpt, args.dtype, args.device, kernels="torch",
+                                           check_weights=args.check_weights)
     if n > model.args.max_seq_len:
         raise MinipassError(f"--seq-len {n} exceeds the model's context of {model.args.max_seq_len} tokens")
     device, base = model.embed_tokens.weight.device, fingerprint(model)

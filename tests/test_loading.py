@@ -128,3 +128,52 @@ def test_config_mismatch_reports_shape(ckpt):
     cfg["intermediate_size"] = 100
     (path / "config.json").write_text(json.dumps(cfg))
     expect_error(path, "'model.layers.0.mlp.down_proj.weight'", "shape [64, 128]", "expected [64, 100]")
+
+
+def poison(path, key, index, value):
+    def fn(sd):
+        sd[key] = sd[key].clone()
+        sd[key][index] = value
+    rewrite(path, fn)
+
+
+def test_integer_weights_are_refused(ckpt):
+    _, path = ckpt
+    rewrite(path, lambda sd: sd.update({"model.norm.weight": torch.ones(64, dtype=torch.int32)}))
+    expect_error(path, "model.safetensors", "tensor 'model.norm.weight' has dtype I32", "expected",
+                 "floating-point")
+
+
+@pytest.mark.parametrize("value, found", [(float("nan"), "1 NaN and 0 infinite"), (float("inf"), "0 NaN and 1 inf")])
+def test_check_weights_refuses_a_non_finite_weight(ckpt, value, found):
+    model, path = ckpt
+    poison(path, "model.layers.1.mlp.down_proj.weight", (5, 17), value)
+    assert load_model(path).layers[1].mlp.down_proj.weight[5, 17].isfinite().item() is False  # not scanned
+    for dtype in ("fp32", "bf16"):
+        with pytest.raises(MinipassError) as e:
+            load_model(path, dtype=dtype, check_weights=True)
+        message = str(e.value)
+        assert "'model.layers.1.mlp.down_proj.weight'" in message and found in message and "corrupt" in message
+    assert same_weights(load_model(save_checkpoint(model, path.parent / "clean"), check_weights=True), model)
+
+
+def test_check_weights_tells_overflow_from_corruption(ckpt):
+    _, path = ckpt
+    poison(path, "model.layers.0.self_attn.o_proj.weight", (1, 2), 1e6)  # finite in fp32, beyond fp16's 65504
+    assert load_model(path, dtype="bf16", check_weights=True) is not None
+    with pytest.raises(MinipassError, match=r"'model.layers.0.self_attn.o_proj.weight' has 0 NaN and 1 infinite "
+                                            r"value\(s\) once converted to float16.*bf16 or fp32"):
+        load_model(path, dtype="fp16", check_weights=True)
+
+
+def test_cli_check_weights(tmp_path, capsys):
+    from minipass.generate import main
+    from tests.util import tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path / "ckpt")
+    poison(path, "model.layers.0.mlp.up_proj.weight", (3, 4), float("nan"))
+    assert main(["--ckpt", str(path), "--prompt", "hi", "--max-new-tokens", "2"]) == 0  # silently wrong without it
+    capsys.readouterr()
+    assert main(["--ckpt", str(path), "--prompt", "hi", "--check-weights"]) == 2
+    _, err = capsys.readouterr()
+    assert err.startswith("error: ") and err.count("\n") == 1 and "'model.layers.0.mlp.up_proj.weight'" in err

@@ -4,10 +4,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import minipass.fetch as fetch
 import minipass.smollm2 as smollm2
 from minipass.errors import MinipassError
+from minipass.gguf_loader import unpermute_qk
 
 CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<reponame>", "<file_sep>", "<filename>",
            "<gh_stars>", "<issue_start>", "<issue_comment>", "<issue_closed>", "<jupyter_start>", "<jupyter_text>",
@@ -134,7 +136,8 @@ def test_unpermute_qk_inverts_llama_cpp_permute():
     w = np.arange(12 * 5, dtype=np.float32).reshape(12, 5)
     n_heads = 3
     permuted = w.reshape(n_heads, 2, 12 // n_heads // 2, 5).swapaxes(1, 2).reshape(12, 5)
-    np.testing.assert_array_equal(smollm2.unpermute_qk(permuted, n_heads), w)
+    np.testing.assert_array_equal(unpermute_qk(permuted, n_heads), w)
+    np.testing.assert_array_equal(unpermute_qk(torch.from_numpy(permuted), n_heads).numpy(), w)  # torch too
 
 
 def test_transformers_generates_coherent_text(default_ckpt):

