@@ -138,7 +138,7 @@ def check_decode_memory(model, batch_size: int, cache_len: int, call_width: int 
     torch_attention = not model.use_triton
     kv = kv_cache_bytes(a, batch_size, cache_len, dtype)
     activations = max(call_bytes(a, batch_size, call_width, cache_len, call_width, dtype, torch_attention),
-                      call_bytes(a, batch_size, prefill_len, cache_len if model.static_kv else prefill_len, 1, dtype,
+                      call_bytes(a, batch_size, prefill_len, prefill_len, 1, dtype,
                                  torch_attention))
     available, where = available_memory(device)
     if available is not None and kv + activations > available:

@@ -172,8 +172,11 @@ def test_cli_check_weights(tmp_path, capsys):
 
     path = tiny_checkpoint(tmp_path / "ckpt")
     poison(path, "model.layers.0.mlp.up_proj.weight", (3, 4), float("nan"))
-    assert main(["--ckpt", str(path), "--prompt", "hi", "--max-new-tokens", "2"]) == 0  # silently wrong without it
-    capsys.readouterr()
+    # Without the scan, decoding meets the NaN in its first step and stops with the row and position.
+    assert main(["--ckpt", str(path), "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    _, err = capsys.readouterr()
+    assert err.startswith("error: non-finite logits") and "batch row 0 at token position 2" in err
+    assert err.count("\n") == 1
     assert main(["--ckpt", str(path), "--prompt", "hi", "--check-weights"]) == 2
     _, err = capsys.readouterr()
     assert err.startswith("error: ") and err.count("\n") == 1 and "'model.layers.0.mlp.up_proj.weight'" in err
