@@ -1,0 +1,354 @@
+"""Conformance suite: check a port of minipass's kernels against the torch references, and print a pass/fail table.
+
+    python -m kernels.conformance                      # the project's own kernels, full grid (CUDA if available)
+    python -m kernels.conformance --grid quick         # the small grid the project's tests use
+    python -m kernels.conformance --only attention     # one section: attention, reshape_and_cache
+
+From your own code, with your copy of a kernel (same signature as the project's; see each check's docstring):
+
+    from kernels.conformance import check_attention, print_table
+    results = check_attention(my_attention, grid="full", device="cuda", forms=["HND", "NHD paged"])
+    print_table(results)
+    assert all(r.ok for r in results)
+
+Each section is a function ``check_<kernel>(fn, grid, device, ...) -> list[Result]`` that builds its own inputs,
+calls ``fn`` and compares with the reference in the kernel's file; a case that raises is a failure, with the
+exception in the table. Sections are registered in ``SECTIONS`` (name -> function running the check on the project's
+own kernel), which is what ``main`` runs; a new kernel family adds its ``check_*`` function and one ``SECTIONS``
+entry. ``print_table`` is shared.
+
+The inputs are adversarial where a port typically goes wrong: ragged lengths including 0 and lengths that end inside
+a key block and a page, slots past each row's ``L_b + T`` and unused pages filled with NaN (a port that reads them
+fails), odd head dims (padded tiles), grouped-query heads, per-row masks, page sizes that do not divide the lengths,
+page ids in random order, and -1 padding in the block table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import math
+import sys
+from typing import Callable, Iterable, Optional
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared: results and the table
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    section: str
+    case: str
+    status: str  # "pass", "FAIL" or "skip"
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "FAIL"
+
+
+def run_case(section: str, case: str, body: Callable[[], tuple]) -> Result:
+    """Run one case: ``body()`` returns (ok, detail); an exception is a failure that names it."""
+    try:
+        ok, detail = body()
+    except Exception as e:  # noqa: BLE001 - any error of the port under test is a failed case, not a crash
+        return Result(section, case, "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160])
+    return Result(section, case, "pass" if ok else "FAIL", detail)
+
+
+def print_table(results: Iterable[Result], file=None) -> None:
+    """One line per case (section, case, status, detail), then a count per section."""
+    file = sys.stdout if file is None else file
+    results = list(results)
+    if not results:
+        print("no cases", file=file)
+        return
+    w_sec = max(len("section"), *(len(r.section) for r in results))
+    w_case = max(len("case"), *(len(r.case) for r in results))
+    print(f"{'section':<{w_sec}}  {'case':<{w_case}}  result  detail", file=file)
+    for r in results:
+        print(f"{r.section:<{w_sec}}  {r.case:<{w_case}}  {r.status:<6}  {r.detail}", file=file)
+    for section in dict.fromkeys(r.section for r in results):
+        rs = [r for r in results if r.section == section]
+        counts = {s: sum(r.status == s for r in rs) for s in ("pass", "FAIL", "skip")}
+        print(f"{section}: {counts['pass']} passed, {counts['FAIL']} failed, {counts['skip']} skipped", file=file)
+
+
+def _default_device(device):
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype_supported(dtype, device) -> bool:
+    # The Triton interpreter (CPU) runs numpy, which has no bf16.
+    return not (dtype == torch.bfloat16 and device.type == "cpu")
+
+
+# Max abs error allowed against the fp32 reference, for inputs ~ N(0, 1) (outputs are |x| < ~4).
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention: cache forms and inputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+# A cache form: (layout, page_size or None). The names are what `forms=` selects.
+ATTENTION_FORMS = {"HND": ("HND", None), "NHD": ("NHD", None), "NHD paged": ("NHD", 16), "HND paged": ("HND", 16)}
+
+
+def paginate(cache: torch.Tensor, lengths, T: int, page_size: int, layout: str = "NHD", seed: int = 0,
+             spare_pages: int = 3):
+    """A contiguous (B, Hkv, S, D) cache as a paged pool and its block table, as an engine would hold them.
+
+    Each row's pages are taken in random order from a shuffled pool with `spare_pages` extra pages; pool pages no row
+    uses are NaN, and so are the slots past ``L_b + T`` inside a row's last page; table entries past the pages a row
+    uses are -1. S must be a multiple of page_size. Returns (pages, block_table int32): pages is
+    (num_pages, page_size, Hkv, D) for "NHD", (num_pages, Hkv, page_size, D) for "HND".
+    """
+    B, H, S, D = cache.shape
+    if S % page_size:
+        raise ValueError(f"S={S} must be a multiple of page_size={page_size}.")
+    P_max = S // page_size
+    g = torch.Generator().manual_seed(seed)
+    used = [math.ceil((L + T) / page_size) for L in lengths]
+    num_pages = sum(used) + spare_pages
+    order = torch.randperm(num_pages, generator=g).tolist()
+    pool = torch.full((num_pages, page_size, H, D), float("nan"), dtype=cache.dtype, device=cache.device)
+    table = torch.full((B, P_max), -1, dtype=torch.int32)
+    by_page = cache.transpose(1, 2).reshape(B, P_max, page_size, H, D)  # (B, P_max, page_size, Hkv, D)
+    nxt = 0
+    for b, (L, n) in enumerate(zip(lengths, used)):
+        for p in range(n):
+            page = order[nxt]
+            nxt += 1
+            table[b, p] = page
+            pool[page] = by_page[b, p]
+            past = L + T - p * page_size  # slots of this page at or past L_b + T
+            if past < page_size:
+                pool[page, max(past, 0):] = float("nan")
+    pages = pool if layout == "NHD" else pool.transpose(1, 2).contiguous()
+    return pages, table.to(cache.device)
+
+
+def attention_inputs(B, Hkv, G, T, D, lengths, mask_kind, dtype, device, S=None, seed=0):
+    """q (B, Hq, T, D) as a (B, T, Hq, D) view, contiguous (B, Hkv, S, D) k/v with NaN past each row's L_b + T,
+    int32 lengths, and a mask: "causal" (None), "shared" (T, T) or "per_row" (B, T, T), random with a true diagonal.
+    S defaults to the longest L_b + T rounded up to a multiple of 64, plus 64."""
+    if S is None:
+        S = (max(lengths) + T + 63) // 64 * 64 + 64
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, Hkv * G, D, generator=g).to(device, dtype).transpose(1, 2)
+    k = torch.randn(B, Hkv, S, D, generator=g)
+    v = torch.randn(B, Hkv, S, D, generator=g)
+    for b, L in enumerate(lengths):  # never read
+        k[b, :, L + T:] = float("nan")
+        v[b, :, L + T:] = float("nan")
+    k, v = k.to(device, dtype), v.to(device, dtype)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    mask = None
+    if mask_kind != "causal":
+        shape = (T, T) if mask_kind == "shared" else (B, T, T)
+        mask = (torch.rand(shape, generator=g) < 0.5) | torch.eye(T, dtype=torch.bool)
+        mask = mask.to(device)
+    return q, k, v, lens, mask
+
+
+def to_form(k, v, lengths, T, form, seed=0):
+    """Contiguous (B, Hkv, S, D) k/v in the cache form `form` (a key of ATTENTION_FORMS): (k, v, kwargs for the call)."""
+    layout, page_size = ATTENTION_FORMS[form]
+    if page_size is None:
+        if layout == "HND":
+            return k, v, {}
+        return k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(), {"layout": "NHD"}
+    kp, table = paginate(k, lengths, T, page_size, layout, seed=seed)
+    vp, table_v = paginate(v, lengths, T, page_size, layout, seed=seed)
+    assert torch.equal(table, table_v)
+    return kp, vp, {"layout": layout, "block_table": table}
+
+
+# (B, Hkv, G, T, D, lengths): odd head dims, GQA, lengths 0 and inside a block/page, T above the 64-token mask word.
+_ATTENTION_SHAPES_QUICK = [(3, 2, 3, 5, 40, [0, 17, 70]), (2, 1, 4, 1, 64, [33, 0]), (2, 2, 1, 25, 64, [3, 50]),
+                           (1, 1, 2, 70, 32, [20])]
+_ATTENTION_SHAPES_FULL = _ATTENTION_SHAPES_QUICK + [(4, 2, 2, 13, 128, [0, 1, 63, 200]), (2, 4, 1, 3, 80, [15, 16]),
+                                                    (1, 8, 1, 1, 128, [1000])]
+
+
+def attention_cases(grid="quick"):
+    """(shape, mask kind, form, dtype) of the attention grid. quick: every axis covered, ~30 cases; full: all
+    combinations of the full shapes (~250)."""
+    masks = ["causal", "shared", "per_row"]
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    forms = list(ATTENTION_FORMS)
+    if grid == "full":
+        return list(itertools.product(_ATTENTION_SHAPES_FULL, masks, forms, dtypes))
+    cases = []
+    for i, shape in enumerate(_ATTENTION_SHAPES_QUICK):
+        for j, form in enumerate(forms):
+            cases.append((shape, masks[(i + j) % 3], form, dtypes[(i + j) % 2]))  # fp32/fp16: they run on CPU too
+    cases += [(_ATTENTION_SHAPES_QUICK[0], "per_row", "NHD paged", torch.bfloat16),
+              (_ATTENTION_SHAPES_QUICK[2], "causal", "HND", torch.bfloat16)]
+    return cases
+
+
+def check_attention(fn, grid="quick", device=None, forms: Optional[Iterable[str]] = None, sm_scale=None,
+                    section="attention") -> list:
+    """Check ``fn(q, k_cache, v_cache, cache_seqlens, mask, sm_scale=None, *, block_table=None, layout="HND")``
+    against `kernels.attention.attention_ref` over the grid.
+
+    The contract (README "Porting the kernels"): q (B, Hq, T, D); the cache in one of the forms of ATTENTION_FORMS
+    (for contiguous HND no keyword is passed, so a port of only the original form can be checked with
+    ``forms=["HND"]``); cache_seqlens (B,) int32; mask None (causal among the new tokens), (T, T) or (B, T, T) bool.
+    Returns (B, Hq, T, D). Checked: shape, dtype, no NaN (slots past L_b + T and unused pages are NaN), and the max
+    error against the fp32 reference (TOLERANCE per dtype). Cases in a form not in `forms`, or in bf16 on CPU, are
+    skipped.
+    """
+    from kernels.attention import attention_ref
+
+    device = _default_device(device)
+    forms = set(ATTENTION_FORMS if forms is None else forms)
+    results = []
+    for n, ((B, Hkv, G, T, D, lengths), mask_kind, form, dtype) in enumerate(attention_cases(grid)):
+        name = (f"B={B} Hq={Hkv * G} Hkv={Hkv} T={T} D={D} L={lengths} {mask_kind} [{form}] "
+                f"{str(dtype).removeprefix('torch.')}")
+        if form not in forms or not _dtype_supported(dtype, device):
+            results.append(Result(section, name, "skip", "form not selected" if form not in forms else "no bf16 on CPU"))
+            continue
+
+        def body(B=B, Hkv=Hkv, G=G, T=T, D=D, lengths=lengths, mask_kind=mask_kind, form=form, dtype=dtype, n=n):
+            q, k, v, lens, mask = attention_inputs(B, Hkv, G, T, D, lengths, mask_kind, dtype, device, seed=n)
+            kf, vf, kwargs = to_form(k, v, lengths, T, form, seed=n)
+            ref = attention_ref(q.float(), kf.float(), vf.float(), lens, mask, sm_scale, **kwargs)
+            out = fn(q, kf, vf, lens, mask, sm_scale=sm_scale, **kwargs)
+            if tuple(out.shape) != (B, Hkv * G, T, D) or out.dtype != dtype:
+                return False, f"returned {tuple(out.shape)} {out.dtype}, expected {(B, Hkv * G, T, D)} {dtype}"
+            if out.isnan().any():
+                return False, "NaN in the output (read a slot past L_b + T, or an unused page?)"
+            err = (out.float() - ref).abs().max().item()
+            return err <= TOLERANCE[dtype], f"max err {err:.2e} (tol {TOLERANCE[dtype]:.0e})"
+
+        results.append(run_case(section, name, body))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reshape_and_cache (the K/V writer)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def reshape_and_cache_cases(grid="quick"):
+    """(N, Hkv, D, page_size, num_pages, layout, key dtype, cache dtype, padded)."""
+    cases = [(7, 2, 40, 16, 4, "NHD", torch.float32, torch.float32, True),
+             (33, 3, 64, 32, 3, "HND", torch.float16, torch.float16, False),
+             (5, 1, 128, 7, 2, "NHD", torch.float32, torch.float16, True),
+             (64, 8, 64, 64, 2, "HND", torch.bfloat16, torch.bfloat16, True)]
+    if grid == "full":
+        cases += [(N, H, D, P, 6, layout, dt, dt, pad) for N, H, D, P, layout, dt, pad in itertools.product(
+            [1, 50], [1, 4], [48, 128], [16, 64], ["NHD", "HND"], [torch.float16, torch.bfloat16], [True, False])]
+    return cases
+
+
+def check_reshape_and_cache(fn, grid="quick", device=None, section="reshape_and_cache") -> list:
+    """Check ``fn(key, value, k_cache, v_cache, slot_mapping, layout)`` (in place) against
+    `kernels.kv_cache.reshape_and_cache_ref`: key/value (N, Hkv, D) views of a (N, Hkv, 2D) buffer, slots in random
+    order with -1 padding (skipped); the whole caches must come out bit-identical to the reference's."""
+    from kernels.kv_cache import reshape_and_cache_ref
+
+    device = _default_device(device)
+    results = []
+    for n, (N, H, D, P, num_pages, layout, kdt, cdt, padded) in enumerate(reshape_and_cache_cases(grid)):
+        name = (f"N={N} Hkv={H} D={D} page={P} pages={num_pages} {layout} {str(kdt).removeprefix('torch.')}->"
+                f"{str(cdt).removeprefix('torch.')}{' -1 padding' if padded else ''}")
+        if not (_dtype_supported(kdt, device) and _dtype_supported(cdt, device)):
+            results.append(Result(section, name, "skip", "no bf16 on CPU"))
+            continue
+
+        def body(N=N, H=H, D=D, P=P, num_pages=num_pages, layout=layout, kdt=kdt, cdt=cdt, padded=padded, n=n):
+            g = torch.Generator().manual_seed(n)
+            buf = torch.randn(N, H, 2 * D, generator=g).to(device, kdt)
+            key, value = buf[..., :D], buf[..., D:]  # strided views
+            capacity = num_pages * P
+            slots = torch.randperm(capacity, generator=g)[:N]
+            if padded:
+                slots[::3] = -1
+            slots = slots.to(device)
+            shape = (num_pages, P, H, D) if layout == "NHD" else (num_pages, H, P, D)
+            k0 = torch.randn(shape, generator=g).to(device, cdt)
+            v0 = torch.randn(shape, generator=g).to(device, cdt)
+            k_ref, v_ref = k0.clone(), v0.clone()
+            reshape_and_cache_ref(key, value, k_ref, v_ref, slots, layout)
+            k_out, v_out = k0.clone(), v0.clone()
+            fn(key, value, k_out, v_out, slots, layout)
+            same = torch.equal(k_out, k_ref) and torch.equal(v_out, v_ref)
+            return same, "bit-identical" if same else "caches differ from the reference"
+
+        results.append(run_case(section, name, body))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The project's own kernels
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _own_attention(grid, device):
+    from kernels.attention import attention
+
+    def call(*args, **kwargs):
+        return attention(*args, check_values=True, **kwargs)
+
+    def call_split(*args, **kwargs):
+        return attention(*args, check_values=True, num_splits=3, **kwargs)
+
+    return check_attention(call, grid, device) + check_attention(call_split, grid, device, section="attention split-K")
+
+
+def _own_reshape_and_cache(grid, device):
+    from kernels.kv_cache import reshape_and_cache
+
+    return check_reshape_and_cache(reshape_and_cache, grid, device)
+
+
+# name -> function(grid, device) -> list[Result], run on the project's own kernels by main().
+SECTIONS = {
+    "attention": _own_attention,
+    "reshape_and_cache": _own_reshape_and_cache,
+}
+
+
+def run(grid="quick", device=None, only=None) -> list:
+    results = []
+    for name, section in SECTIONS.items():
+        if only in (None, name):
+            results += section(grid, device)
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", choices=["quick", "full"], default="full")
+    parser.add_argument("--only", choices=list(SECTIONS), default=None)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu (Triton interpreter)")
+    args = parser.parse_args(argv)
+    device = _default_device(args.device)
+    if device.type == "cpu":
+        import os
+
+        if "triton" in sys.modules and not os.environ.get("TRITON_INTERPRET"):
+            print("error: on CPU the kernels run under TRITON_INTERPRET=1, which must be set before triton is "
+                  "imported", file=sys.stderr)
+            return 2
+    results = run(args.grid, device, args.only)
+    print_table(results)
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        import os
+
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    sys.exit(main())
