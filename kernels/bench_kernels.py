@@ -60,18 +60,26 @@ def lookahead_mask(L: int, device) -> torch.Tensor:
     return m.to(device)
 
 
-def bench_attention(dtype, device, batches=(1, 64), page_size=16) -> None:
-    Hq, Hkv, D = 32, 8, 128
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        flex = torch.compile(flex_attention)
-    except ImportError:
-        flex = None
+ATTENTION_CASES = [(1, 2048), (3, 2048), (6, 2048), (3, 8192), (6, 8192), (3, 32768), (6, 32768)]  # (L, prefix)
+
+
+def bench_attention(dtype, device, batches=(1, 64), page_size=16, heads=(32, 8, 128), cases=ATTENTION_CASES,
+                    use_flex=True, timer=None) -> None:
+    """cases: (look-ahead L, prefix): T = (L + 1)^2 new tokens with the pass1 mask. timer(fn, reps=...) -> ms."""
+    Hq, Hkv, D = heads
+    cuda_time_ = cuda_time if timer is None else timer
+    flex = None
+    if use_flex:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            flex = torch.compile(flex_attention)
+        except ImportError:
+            pass
     print(f"attention  Hq={Hq} Hkv={Hkv} D={D} {dtype}, paged: {page_size}-token pages (NHD); ms (lower is better)")
     print(f"{'B':>3} {'T':>4} {'prefix':>7} {'triton':>8} {'paged':>8} {'ratio':>6} {'torch ref':>9} {'sdpa':>8} "
           f"{'flex':>8}")
     for B in batches:
-        for L, prefix in [(1, 2048), (3, 2048), (6, 2048), (3, 8192), (6, 8192), (3, 32768), (6, 32768)]:
+        for L, prefix in cases:
             mask = lookahead_mask(L, device)
             T = mask.shape[0]
             S = (prefix + T + page_size - 1) // page_size * page_size
@@ -79,7 +87,7 @@ def bench_attention(dtype, device, batches=(1, 64), page_size=16) -> None:
             k = torch.randn(B, Hkv, S, D, device=device, dtype=dtype)
             v = torch.randn_like(k)
             lens = torch.full((B,), prefix, device=device, dtype=torch.int32)
-            t_tri = cuda_time(lambda: attention(q, k, v, lens, mask, check_values=False))
+            t_tri = cuda_time_(lambda: attention(q, k, v, lens, mask, check_values=False))
             # The same tokens in a page pool, pages in random order: page j of row b is pool page table[b, j].
             pages_per_row = S // page_size
             table = torch.randperm(B * pages_per_row, device=device).view(B, pages_per_row).int()
@@ -87,21 +95,21 @@ def bench_attention(dtype, device, batches=(1, 64), page_size=16) -> None:
             v_pages = torch.empty_like(k_pages)
             k_pages[table.flatten().long()] = k.transpose(1, 2).reshape(-1, page_size, Hkv, D)
             v_pages[table.flatten().long()] = v.transpose(1, 2).reshape(-1, page_size, Hkv, D)
-            t_paged = cuda_time(lambda: attention(q, k_pages, v_pages, lens, mask, check_values=False,
+            t_paged = cuda_time_(lambda: attention(q, k_pages, v_pages, lens, mask, check_values=False,
                                                   block_table=table, layout="NHD"))
             del k_pages, v_pages
             t_ref = t_sdpa = float("nan")
             if B == 1:
-                t_ref = cuda_time(lambda: attention_ref(q, k, v, lens, mask), reps=10)
+                t_ref = cuda_time_(lambda: attention_ref(q, k, v, lens, mask), reps=10)
                 full = visibility_mask(lens, mask, T, S)[:, None]  # (B, 1, T, S)
-                t_sdpa = cuda_time(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=full, enable_gqa=True))
+                t_sdpa = cuda_time_(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=full, enable_gqa=True))
             t_flex = float("nan")
             if flex is not None:
                 def visible(b, h, qi, kv):
                     rel = kv - prefix
                     return (rel < 0) | ((rel < T) & mask[qi, rel.clamp(0, T - 1)])
                 block_mask = create_block_mask(visible, B, None, T, S, device=device)
-                t_flex = cuda_time(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True))
+                t_flex = cuda_time_(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True))
             print(f"{B:>3} {T:>4} {prefix:>7} {t_tri:>8.3f} {t_paged:>8.3f} {t_paged / t_tri:>6.2f} {t_ref:>9.3f} "
                   f"{t_sdpa:>8.3f} {t_flex:>8.3f}", flush=True)
             del k, v
