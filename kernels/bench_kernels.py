@@ -2,12 +2,21 @@
 
     python -m kernels.bench_kernels                  # needs a CUDA GPU
     python -m kernels.bench_kernels --only attention --dtype bf16
+    python -m kernels.bench_kernels --host-overhead  # runs anywhere: the launcher's host time, launches stubbed
 
 Attention: T new tokens (T <= 64) over prefixes of 2k to 32k cached tokens, a PaSS look-ahead mask among the new
-tokens, grouped-query heads (Hq=32, Hkv=8, D=128 by default). Compared with `attention_ref`, with
-`scaled_dot_product_attention` given the same explicit (B, T, S) mask, and with FlexAttention (a block mask built
-from the same rule) when torch provides it. Acceptance: B=64 rows, K=6 drafts, V=32000, probabilities and logits
-entry points. Tree acceptance: B=32 rows, 31 nodes, V=32000. Times are medians of CUDA-event-timed repeats.
+tokens, grouped-query heads (Hq=32, Hkv=8, D=128 by default), at B = 1 and B = 64. The Triton kernel reads the
+contiguous (B, Hkv, S, D) cache and a paged one (vLLM layout: (num_pages, 16, Hkv, D) and a block table with the
+pages in random order); compared with `attention_ref` and with `scaled_dot_product_attention` given the same
+explicit (B, T, S) mask (B = 1 only: they materialise (B, Hq, T, S) scores), and with FlexAttention (a block mask
+built from the same rule, over the contiguous cache) when torch provides it. B = 64 at a 32k prefix holds ~17 GB of
+K/V (both caches). Acceptance: B=64 rows, K=6 drafts, V=32000, probabilities and logits entry points. Tree
+acceptance: B=32 rows, 31 nodes, V=32000. Times are medians of CUDA-event-timed repeats.
+
+--host-overhead: microseconds of host CPU time per `attention` call with the Triton launch itself replaced by a
+no-op, on CPU tensors: the checks, the configuration, the output (and split-K scratch) allocation and the operator
+dispatch, i.e. what the launcher adds on top of Triton's own launch cost (not included). CPU allocations of the
+split-K scratch cost more than the CUDA caching allocator's.
 """
 
 from __future__ import annotations
@@ -51,35 +60,102 @@ def lookahead_mask(L: int, device) -> torch.Tensor:
     return m.to(device)
 
 
-def bench_attention(dtype, device) -> None:
-    B, Hq, Hkv, D = 1, 32, 8, 128
+ATTENTION_CASES = [(1, 2048), (3, 2048), (6, 2048), (3, 8192), (6, 8192), (3, 32768), (6, 32768)]  # (L, prefix)
+
+
+def bench_attention(dtype, device, batches=(1, 64), page_size=16, heads=(32, 8, 128), cases=ATTENTION_CASES,
+                    use_flex=True, timer=None) -> None:
+    """cases: (look-ahead L, prefix): T = (L + 1)^2 new tokens with the pass1 mask. timer(fn, reps=...) -> ms."""
+    Hq, Hkv, D = heads
+    cuda_time_ = cuda_time if timer is None else timer
+    flex = None
+    if use_flex:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            flex = torch.compile(flex_attention)
+        except ImportError:
+            pass
+    print(f"attention  Hq={Hq} Hkv={Hkv} D={D} {dtype}, paged: {page_size}-token pages (NHD); ms (lower is better)")
+    print(f"{'B':>3} {'T':>4} {'prefix':>7} {'triton':>8} {'paged':>8} {'ratio':>6} {'torch ref':>9} {'sdpa':>8} "
+          f"{'flex':>8}")
+    for B in batches:
+        for L, prefix in cases:
+            mask = lookahead_mask(L, device)
+            T = mask.shape[0]
+            S = (prefix + T + page_size - 1) // page_size * page_size
+            q = torch.randn(B, T, Hq, D, device=device, dtype=dtype).transpose(1, 2)
+            k = torch.randn(B, Hkv, S, D, device=device, dtype=dtype)
+            v = torch.randn_like(k)
+            lens = torch.full((B,), prefix, device=device, dtype=torch.int32)
+            t_tri = cuda_time_(lambda: attention(q, k, v, lens, mask, check_values=False))
+            # The same tokens in a page pool, pages in random order: page j of row b is pool page table[b, j].
+            pages_per_row = S // page_size
+            table = torch.randperm(B * pages_per_row, device=device).view(B, pages_per_row).int()
+            k_pages = torch.empty(B * pages_per_row, page_size, Hkv, D, device=device, dtype=dtype)
+            v_pages = torch.empty_like(k_pages)
+            k_pages[table.flatten().long()] = k.transpose(1, 2).reshape(-1, page_size, Hkv, D)
+            v_pages[table.flatten().long()] = v.transpose(1, 2).reshape(-1, page_size, Hkv, D)
+            t_paged = cuda_time_(lambda: attention(q, k_pages, v_pages, lens, mask, check_values=False,
+                                                  block_table=table, layout="NHD"))
+            del k_pages, v_pages
+            t_ref = t_sdpa = float("nan")
+            if B == 1:
+                t_ref = cuda_time_(lambda: attention_ref(q, k, v, lens, mask), reps=10)
+                full = visibility_mask(lens, mask, T, S)[:, None]  # (B, 1, T, S)
+                t_sdpa = cuda_time_(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=full, enable_gqa=True))
+            t_flex = float("nan")
+            if flex is not None:
+                def visible(b, h, qi, kv):
+                    rel = kv - prefix
+                    return (rel < 0) | ((rel < T) & mask[qi, rel.clamp(0, T - 1)])
+                block_mask = create_block_mask(visible, B, None, T, S, device=device)
+                t_flex = cuda_time_(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True))
+            print(f"{B:>3} {T:>4} {prefix:>7} {t_tri:>8.3f} {t_paged:>8.3f} {t_paged / t_tri:>6.2f} {t_ref:>9.3f} "
+                  f"{t_sdpa:>8.3f} {t_flex:>8.3f}", flush=True)
+            del k, v
+
+
+def host_overhead(reps: int = 2000) -> None:
+    """Host time per `attention` call on CPU tensors with the Triton launches replaced by no-ops."""
+    import time
+
+    from kernels import attention as A
+
+    class _Stub:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    saved = A._attn_fwd_kernel, A._attn_combine_kernel
+    A._attn_fwd_kernel = A._attn_combine_kernel = _Stub()
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        flex = torch.compile(flex_attention)
-    except ImportError:
-        flex = None
-    print(f"attention  B={B} Hq={Hq} Hkv={Hkv} D={D} {dtype}; ms (lower is better)")
-    print(f"{'T':>4} {'prefix':>7} {'triton':>8} {'torch ref':>9} {'sdpa':>8} {'flex':>8}")
-    for L, prefix in [(1, 2048), (3, 2048), (6, 2048), (3, 8192), (6, 8192), (3, 32768), (6, 32768)]:
-        mask = lookahead_mask(L, device)
-        T = mask.shape[0]
-        S = prefix + T
-        q = torch.randn(B, T, Hq, D, device=device, dtype=dtype).transpose(1, 2)
-        k = torch.randn(B, Hkv, S, D, device=device, dtype=dtype)
-        v = torch.randn_like(k)
-        lens = torch.full((B,), prefix, device=device, dtype=torch.int32)
-        t_tri = cuda_time(lambda: attention(q, k, v, lens, mask, check_values=False))
-        t_ref = cuda_time(lambda: attention_ref(q, k, v, lens, mask), reps=10)
-        full = visibility_mask(lens, mask, T, S)[:, None]  # (B, 1, T, S)
-        t_sdpa = cuda_time(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=full, enable_gqa=True))
-        t_flex = float("nan")
-        if flex is not None:
-            def visible(b, h, qi, kv):
-                rel = kv - prefix
-                return (rel < 0) | ((rel < T) & mask[qi, rel.clamp(0, T - 1)])
-            block_mask = create_block_mask(visible, B, None, T, S, device=device)
-            t_flex = cuda_time(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True))
-        print(f"{T:>4} {prefix:>7} {t_tri:>8.3f} {t_ref:>9.3f} {t_sdpa:>8.3f} {t_flex:>8.3f}")
+        B, Hq, Hkv, D, S = 1, 32, 8, 128, 4096
+        print(f"attention launcher host time, launches stubbed (B={B} Hq={Hq} Hkv={Hkv} D={D} S={S}, CPU); us/call")
+        for name, T, masked, splits, paged in [("decode T=1", 1, False, None, False),
+                                               ("tree T=25 mask", 25, True, None, False),
+                                               ("tree T=25 mask, split-K 4", 25, True, 4, False),
+                                               ("tree T=25 mask, paged", 25, True, None, True)]:
+            q = torch.randn(B, T, Hq, D).transpose(1, 2)
+            cache = torch.randn(2, B, Hkv, S, D)
+            k, v = cache[0], cache[1]  # views of a bigger cache, as in the model
+            lens = torch.full((B,), 100, dtype=torch.int32)
+            mask = torch.ones(T, T, dtype=torch.bool).tril() if masked else None
+            kwargs = {}
+            if paged:
+                k = torch.randn(B * S // 16, 16, Hkv, D)
+                v = torch.randn_like(k)
+                kwargs = dict(block_table=torch.arange(B * S // 16, dtype=torch.int32).view(B, -1), layout="NHD")
+            call = lambda: attention(q, k, v, lens, mask, None, False, splits, **kwargs)  # noqa: E731
+            for _ in range(50):
+                call()
+            best = float("inf")
+            for _ in range(10):  # thread CPU time, best of 10 rounds: robust to other processes on the machine
+                start = time.thread_time()
+                for _ in range(reps // 10):
+                    call()
+                best = min(best, (time.thread_time() - start) / (reps // 10))
+            print(f"  {name:<28} {best * 1e6:7.1f}")
+    finally:
+        A._attn_fwd_kernel, A._attn_combine_kernel = saved
 
 
 def bench_acceptance(dtype, device) -> None:
@@ -118,7 +194,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["attention", "acceptance", "tree"], default=None)
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--host-overhead", action="store_true", help="time the attention launcher's host work")
     args = parser.parse_args(argv)
+    if args.host_overhead:
+        host_overhead()
+        return 0
     if not torch.cuda.is_available():
         print("error: the kernel benchmark needs a CUDA GPU (the CPU interpreter is for correctness only)",
               file=sys.stderr)

@@ -305,3 +305,124 @@ def test_default_scale_and_split_heuristic_run():
     out = attention(q, k, v, lengths, mask)
     ref = attention_ref(q, k, v, lengths, mask, sm_scale=1 / math.sqrt(q.shape[-1]))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The launcher as a torch operator, its per-signature cache, and the variants it makes Triton compile
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _compile_inputs():
+    B, Hkv, group, T, S, D = 2, 2, 2, 5, 64, 32
+    q, k, v, lengths = _make_inputs(B, Hkv, group, T, S, D, [3, 40], torch.float32)
+    return q, k, v, lengths, _random_mask("per_row", B, T)
+
+
+def _step(q, k, v, lengths, mask):
+    return attention(q * 1.5, k, v, lengths, mask, check_values=False).sum(-1)
+
+
+def test_compiles_with_fullgraph_as_one_operator():
+    args = _compile_inputs()
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(_step, fullgraph=True, backend=recording_backend)(*args)
+    assert torch.equal(out, _step(*args))
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert [t for t in targets if "minipass" in t] == ["minipass.attention"], targets
+    # Through AOTAutograd (fake tensors: the operator's fake implementation) and Inductor, which compiles the rest
+    # (with a C++ compiler on CPU).
+    import shutil
+
+    for backend in ("aot_eager", "inductor") if shutil.which("g++") or shutil.which("c++") else ("aot_eager",):
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(_step, fullgraph=True, backend=backend)(*args), _step(*args),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_operator_registration_passes_opcheck():
+    q, k, v, lengths, mask = _compile_inputs()
+    torch.library.opcheck(torch.ops.minipass.attention.default, (q, k, v, lengths, mask, None, 0.3, None, "HND"))
+    torch.library.opcheck(torch.ops.minipass.attention.default, (q, k, v, lengths, None, None, None, 2, "HND"))
+
+
+def test_checks_and_configuration_are_cached_per_signature():
+    from kernels import attention as A
+
+    q, k, v, lengths, mask = _compile_inputs()
+    plan = A.attention_plan(q, k, v, lengths, mask)
+    assert A.attention_plan(q, k, v, lengths, mask) is plan  # same signature: no checks, no configuration
+    assert A.attention_plan(q.clone(), k.clone(), v.clone(), lengths.clone(), mask.clone()) is plan  # values: same
+    assert A.attention_plan(q.contiguous(), k, v, lengths, mask) is not plan  # other strides
+    assert A.attention_plan(q, k, v, lengths, None) is not plan
+    # A cached signature still rejects what it must: errors are raised before anything is cached.
+    with pytest.raises(ValueError, match="mask must have shape"):
+        attention(q, k, v, lengths, mask[:, :2])
+    with pytest.raises(ValueError, match="mask must have shape"):
+        attention(q, k, v, lengths, mask[:, :2])
+
+
+def _prefill_plans(B, group, masked, paged, dtype=torch.float16, D=128, Hkv=2, S=4096, num_sms=132):
+    """Plans (as on a 132-SM GPU) for T = 1..512 new tokens, built from meta tensors."""
+    from kernels.attention import attention_plan
+
+    meta = dict(device="meta", dtype=dtype)
+    lens = torch.empty(B, device="meta", dtype=torch.int32)
+    if paged:
+        k = torch.empty(B * S // 16, 16, Hkv, D, **meta)
+        table = torch.empty(B, S // 16, device="meta", dtype=torch.int32)
+    else:
+        k, table = torch.empty(B, Hkv, S, D, **meta), None
+    for T in range(1, 513):
+        q = torch.empty(B, T, Hkv * group, D, **meta).transpose(1, 2)
+        mask = torch.empty(B, T, T, device="meta", dtype=torch.bool) if masked else None
+        yield attention_plan(q, k, k, lens, mask, block_table=table, layout="NHD" if paged else "HND",
+                             num_sms=num_sms)
+
+
+def _variants(plans):
+    fwd, combine = set(), set()
+    for plan in plans:
+        fwd.add(plan.specialization())
+        if plan.num_splits > 1:
+            combine.add(tuple(sorted(plan.combine_constexprs.items())))
+    return fwd, combine
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+def test_prefill_lengths_compile_a_handful_of_variants(group, paged):
+    # Before bucketing, T = 1..512 gave ~80 distinct specialisations (next_pow2(T), T % 16, splits == 1, ...).
+    per_model = set()
+    for B in (1, 64):
+        fwd_causal, comb_causal = _variants(_prefill_plans(B, group, False, paged))
+        fwd_masked, comb_masked = _variants(_prefill_plans(B, group, True, paged))
+        assert len(fwd_causal) <= 3  # BLOCK_M in {16, 32, 64}
+        assert len(fwd_masked) <= 4  # the same, mask packed in bits (T <= 64), plus gathered (T > 64)
+        assert len(comb_causal | comb_masked) <= 1
+        per_model |= fwd_causal | fwd_masked
+    assert len(per_model) <= 7, sorted(per_model)  # both mask kinds, B = 1 and 64: 3 + 4
+
+
+def test_specialization_follows_tritons_rule():
+    """`AttentionPlan.specialization` models Triton's int specialisation (1 / multiple of 16 / other)."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    def triton_class(v):
+        kind, key = native_specialize_impl(BaseBackend, v, False, True, True)[:2]
+        return 1 if kind == "constexpr" else 16 if key == "D" else 0
+
+    for value in (1, 2, 15, 16, 17, 32, 48, 4096, 4097, 3 * 2**20):
+        assert triton_class(value) == (1 if value == 1 else 16 if value % 16 == 0 else 0)
+
+
+def test_empty_batch():
+    q, k, v, lengths = _make_inputs(1, 2, 2, 3, 16, 64, [0], torch.float32)
+    out = attention(q[:0], k[:0], v[:0], lengths[:0])
+    assert out.shape == (0, 4, 3, 64)

@@ -1,70 +1,94 @@
-"""kernels/conformance.py, acceptance section: the project's own kernels pass every case of the quick grid, the grid
-contains the cases it names (invalid rows, out-of-range drafts, ragged rows), and ports with a bug fail."""
+"""kernels/conformance.py on the project's own kernels (the quick grid), and that it catches broken ports."""
 
+import io
 import os
 
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-from kernels import conformance  # noqa: E402
-from kernels.acceptance import accept, accept_from_logits, accept_ref  # noqa: E402
-from kernels.tree_acceptance import accept_tree, accept_tree_ref  # noqa: E402
+import pytest
 
+pytestmark = pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # the broken ports
 
-def _failed(rows):
-    return [f"{r['kernel']} {r['case']}: {r['detail']}" for r in rows if not r["ok"]]
-
-
-def test_project_kernels_conform():
-    rows = conformance.acceptance_rows(quick=True)
-    assert not _failed(rows)
-    kernels = {r["kernel"] for r in rows}
-    assert kernels == {"accept", "accept_from_logits", "accept_tree"}
-    assert sum("flattened" in r["case"] for r in rows) >= 10
-    table = conformance.format_table(rows)
-    assert table.count("PASS") == len(rows) and "FAIL" not in table
+from kernels import conformance as C
+from kernels.attention import attention
+from kernels.kv_cache import reshape_and_cache, reshape_and_cache_ref
 
 
-def test_the_grid_holds_the_cases_it_names():
-    """The named hazards are really in the inputs: invalid rows come out invalid, rows are ragged and accept runs of
-    drafts, drafts outside the vocabulary occur."""
-    grid = {name: inputs for name, inputs, _ in conformance._chain_grid(True, torch.device("cpu"), logits=False)}
-    p, q, drafts, n, u_a, u_s = grid["B=7 K=3 V=45 fp32, invalid rows (NaN, +inf, -inf)"]
-    _, j = accept_ref(p, drafts, n, u_a, u_s, q)
-    assert (j == -1).any() and (j > 0).any()
-    p, q, drafts, n, u_a, u_s = grid["B=6 K=5 V=63 fp32, drafts out of range"]
-    assert ((drafts < 0) | (drafts >= 63)).any() and len(set(n.tolist())) > 2
-    _, _, j = accept_tree_ref(*conformance._tree(6, 9, 50, torch.float32, seed=2, invalid=True))
-    assert (j == -1).any() and (j > 0).any()
+def _assert_all_pass(results):
+    out = io.StringIO()
+    C.print_table(results, file=out)
+    assert results and all(r.ok for r in results), out.getvalue()
+    assert any(r.status == "pass" for r in results)
+    return out.getvalue()
 
 
-def test_ports_with_a_bug_fail():
-    def no_invalid_rows(*args):
-        tokens, j = accept(*args)
-        return tokens, j.clamp_min(0)                               # reports invalid rows as 0 accepted
+def test_own_attention_conforms():
+    table = _assert_all_pass(C.SECTIONS["attention"]("quick", None))
+    assert "attention: " in table and "attention split-K: " in table
 
-    rows = conformance.check_accept(no_invalid_rows, quick=True, flattened=False)
-    failed = {r["case"] for r in rows if not r["ok"]}
-    assert failed == {r["case"] for r in rows if "invalid" in r["case"]} and len(failed) >= 2
-    assert all(r["detail"].startswith("output 1 differs first in row") for r in rows if not r["ok"])
 
-    def greedy_only(target_logits, drafts, n, u_a, u_s, draft_logits, temperature, top_k, top_p):
-        return accept_from_logits(target_logits, drafts, n, u_a, u_s, draft_logits, 0.0, 0, 1.0)
+def test_own_writer_conforms():
+    _assert_all_pass(C.check_reshape_and_cache(reshape_and_cache, "quick"))
 
-    rows = conformance.check_accept_from_logits(greedy_only, quick=True)
-    assert any(not r["ok"] for r in rows) and all(r["ok"] for r in rows if "T=0.0" in r["case"])
 
-    def raises(*args):
-        raise RuntimeError("not ported yet")
+def test_table_lists_every_case_and_a_count_per_section():
+    results = [C.Result("attention", "case a", "pass", "max err 1e-07"), C.Result("attention", "case b", "FAIL", "x"),
+               C.Result("attention", "case c", "skip", "no bf16 on CPU"), C.Result("accept", "k=3", "pass")]
+    out = io.StringIO()
+    C.print_table(results, file=out)
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == ["section", "case", "result", "detail"]
+    assert "attention: 1 passed, 1 failed, 1 skipped" in lines and "accept: 1 passed, 0 failed, 0 skipped" in lines
+    assert not results[1].ok and results[2].ok
 
-    rows = conformance.check_accept_tree(raises, quick=True)
-    assert all(not r["ok"] and r["detail"] == "raised RuntimeError: not ported yet" for r in rows)
 
-    def wrong_path(*args):
-        out, path, j = accept_tree(*args, check_values=False)
-        return out, path.flip(-1), j
+def _ignores_the_mask(q, k, v, lens, mask, sm_scale=None, **kwargs):
+    return attention(q, k, v, lens, None, sm_scale, **kwargs)
 
-    rows = conformance.check_accept_tree(wrong_path, quick=True)
-    assert any("output 1 differs" in r["detail"] for r in rows)
+
+def _reads_past_the_length(q, k, v, lens, mask, sm_scale=None, **kwargs):
+    return attention(q, k, v, lens + 1, mask, sm_scale, check_values=False, **kwargs)
+
+
+def _wrong_page_order(q, k, v, lens, mask, sm_scale=None, block_table=None, **kwargs):
+    if block_table is not None:
+        block_table = block_table.flip(1).contiguous()
+    return attention(q, k, v, lens, mask, sm_scale, check_values=False, block_table=block_table, **kwargs)
+
+
+def _only_contiguous(q, k, v, lens, mask, sm_scale=None):
+    return attention(q, k, v, lens, mask, sm_scale)
+
+
+@pytest.mark.parametrize("port, failing_forms", [
+    (_ignores_the_mask, None),
+    (_reads_past_the_length, None),
+    (_wrong_page_order, {"NHD paged", "HND paged"}),
+    (_only_contiguous, {"NHD", "NHD paged", "HND paged"}),  # the keyword it lacks is a failure, with the error
+])
+def test_broken_ports_fail(port, failing_forms):
+    results = C.check_attention(port, "quick")
+    failed = [r for r in results if not r.ok]
+    assert failed
+    if failing_forms is not None:
+        forms = {f for r in failed for f in C.ATTENTION_FORMS if f"[{f}]" in r.case}
+        assert forms == failing_forms
+        assert all(r.ok for r in results if not any(f"[{f}]" in r.case for f in failing_forms))
+
+
+def test_forms_selects_what_a_port_supports():
+    results = C.check_attention(_only_contiguous, "quick", forms=["HND"])
+    _assert_all_pass(results)
+    assert all(r.status == "skip" for r in results if "[HND]" not in r.case)
+
+
+def test_broken_writer_fails():
+    def off_by_one(key, value, k_cache, v_cache, slot_mapping, layout):
+        reshape_and_cache_ref(key, value, k_cache, v_cache, torch.where(slot_mapping >= 0, slot_mapping + 1, -1)
+                              % (k_cache.shape[0] * (k_cache.shape[1] if layout == "NHD" else k_cache.shape[2])),
+                              layout)
+
+    assert not all(r.ok for r in C.check_reshape_and_cache(off_by_one, "quick"))
