@@ -1,26 +1,50 @@
 """Conformance suite: check a port of minipass's kernels against the torch references, and print a pass/fail table.
 
-    python -m kernels.conformance                      # the project's own kernels, full grid (CUDA if available)
+    python -m kernels.conformance                      # every section on the project's own kernels, full grid
+                                                       # (CUDA if available, else the Triton interpreter on CPU)
     python -m kernels.conformance --grid quick         # the small grid the project's tests use
-    python -m kernels.conformance --only attention     # one section: attention, reshape_and_cache
+    python -m kernels.conformance --only accept_tree   # one section (names below)
 
 From your own code, with your copy of a kernel (same signature as the project's; see each check's docstring):
 
-    from kernels.conformance import check_attention, print_table
+    from kernels.conformance import check_accept, check_attention, print_table
     results = check_attention(my_attention, grid="full", device="cuda", forms=["HND", "NHD paged"])
+    results += check_accept(my_accept, grid="full", device="cuda", flattened=False)  # a port of the padded form
     print_table(results)
     assert all(r.ok for r in results)
 
-Each section is a function ``check_<kernel>(fn, grid, device, ...) -> list[Result]`` that builds its own inputs,
-calls ``fn`` and compares with the reference in the kernel's file; a case that raises is a failure, with the
-exception in the table. Sections are registered in ``SECTIONS`` (name -> function running the check on the project's
-own kernel), which is what ``main`` runs; a new kernel family adds its ``check_*`` function and one ``SECTIONS``
-entry. ``print_table`` is shared.
+The sections, one per kernel, each a function ``check_<kernel>(fn, grid="quick", device=None, ...) -> list[Result]``:
 
-The inputs are adversarial where a port typically goes wrong: ragged lengths including 0 and lengths that end inside
-a key block and a page, slots past each row's ``L_b + T`` and unused pages filled with NaN (a port that reads them
-fails), odd head dims (padded tiles), grouped-query heads, per-row masks, page sizes that do not divide the lengths,
-page ids in random order, and -1 padding in the block table.
+    attention            fn(q, k_cache, v_cache, cache_seqlens, mask, sm_scale=None, *, block_table, layout)
+                         in the four cache forms (``forms=`` selects); no NaN, max error within TOLERANCE
+    reshape_and_cache    fn(key, value, k_cache, v_cache, slot_mapping, layout), in place; caches bit-identical
+    accept               fn(p, draft_tokens, num_drafts, u_accept, u_sample, q), padded and flattened forms
+                         (``flattened=False`` checks the padded form only); outputs equal
+    accept_from_logits   fn(target_logits, draft_tokens, num_drafts, u_accept, u_sample, draft_logits, temperature,
+                         top_k, top_p), both forms; outputs equal
+    accept_tree          fn(p, tokens, parents, u_accept, u_sample); outputs equal
+
+Each builds its own inputs, calls ``fn`` on `device` (default: CUDA if available, else CPU) and compares with the
+reference in the kernel's file; a case that raises is a failure, with the exception in the table, and bf16 cases
+are skipped on CPU. The grids: "quick" covers every axis in a few cases per section, "full" adds larger shapes and
+more combinations. Sections are registered in ``SECTIONS`` (name -> function running the check on the project's own
+kernel), which is what ``main`` runs; a new kernel family adds its ``check_*`` function and one ``SECTIONS`` entry.
+``print_table`` is shared.
+
+The acceptance kernels are compared exactly, every output element as int64: randomness enters as tensors, so a
+conforming kernel agrees token for token. (A port that sums in another order can differ where a uniform falls within
+fp32 rounding of a sampling boundary, which the grid's random uniforms hit rarely; the detail then names the one
+differing row.)
+
+The inputs are adversarial where a port typically goes wrong. Attention and the writer: ragged lengths including 0
+and lengths that end inside a key block and a page, slots past each row's ``L_b + T`` and unused pages filled with
+NaN (a port that reads them fails), odd head dims (padded tiles), grouped-query heads, per-row masks, page sizes that
+do not divide the lengths, page ids in random order, -1 padding in the block table and the slot mapping, strided
+key/value views. Acceptance: ragged draft counts (0 and K included), invalid rows (NaN, +inf and -inf: num_accepted
+-1), draft tokens outside the vocabulary, rows without mass, no drafts, the flattened (cu_num_drafts) form, strided
+inputs with int32 counts, logits on quarter steps (ties, at the top-k cut too) under several sampling transforms,
+and in the full grid two vocabulary blocks and rows of more than 32 drafts; trees with padding nodes, siblings,
+repeated and out-of-range candidate tokens, root-only trees and invalid rows.
 """
 
 from __future__ import annotations
@@ -290,6 +314,245 @@ def check_reshape_and_cache(fn, grid="quick", device=None, section="reshape_and_
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Acceptance: accept, accept_from_logits (padded and flattened forms), accept_tree
+# ----------------------------------------------------------------------------------------------------------------------
+#   accept(p, draft_tokens, num_drafts, u_accept, u_sample, q)                      -> (tokens, num_accepted)
+#   accept_from_logits(target_logits, draft_tokens, num_drafts, u_accept, u_sample, draft_logits,
+#                      temperature, top_k, top_p)                                   -> (tokens, num_accepted)
+#   accept_tree(p, tokens, parents, u_accept, u_sample)                             -> (out_tokens, path, num_accepted)
+# with the shapes, forms and invalid-row contract of kernels/acceptance.py and kernels/tree_acceptance.py. A case is
+# (name, dtype of the targets, the arguments in call order), built on the CPU; the reference runs on those, the port
+# on their copies on the device.
+
+
+def _on(device, args):
+    """The tensors of `args` on `device` with their strides and offsets (a plain .to() makes a strided view
+    contiguous, which would hide the strided case); other arguments as they are."""
+    moved = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            storage = a.as_strided((a.untyped_storage().nbytes() // a.element_size(),), (1,), 0)  # the whole buffer
+            a = storage.to(device).as_strided(a.shape, a.stride(), a.storage_offset())
+        moved.append(a)
+    return moved
+
+
+def _compare(got, expected) -> str:
+    """'' if the outputs are equal, else a sentence naming the first difference."""
+    if not isinstance(got, (tuple, list)) or len(got) != len(expected):
+        return (f"returned {type(got).__name__} of {len(got) if isinstance(got, (tuple, list)) else '?'} items, "
+                f"expected a tuple of {len(expected)} tensors")
+    for i, (g, e) in enumerate(zip(got, expected)):
+        if not isinstance(g, torch.Tensor):
+            return f"output {i} is a {type(g).__name__}, expected a tensor"
+        g = g.detach().cpu()
+        if g.shape != e.shape:
+            return f"output {i} has shape {tuple(g.shape)}, expected {tuple(e.shape)}"
+        g, e = g.long(), e.cpu().long()
+        if not torch.equal(g, e):
+            row = int((g != e).reshape(len(g), -1).any(-1).nonzero()[0, 0]) if g.dim() else 0
+            return f"output {i} differs first in row {row}: got {g[row].tolist()}, expected {e[row].tolist()}"
+    return ""
+
+
+def _check_exact(section, fn, cases, ref, device) -> list:
+    """Each case's outputs from ``fn`` equal to ``ref``'s, element for element."""
+    results = []
+    for name, dtype, args in cases:
+        if not _dtype_supported(dtype, device):
+            results.append(Result(section, name, "skip", "no bf16 on CPU"))
+            continue
+
+        def body(args=args):
+            expected = ref(*args)
+            detail = _compare(fn(*_on(device, args)), expected)
+            return not detail, detail or "equal to the reference"
+
+        results.append(run_case(section, name, body))
+    return results
+
+
+def _poison_rows(x, seed):
+    """NaN, +inf and -inf in three rows of x (..., V), in place (no-op on smaller batches)."""
+    flat = x.view(-1, x.shape[-1])
+    for row, value in zip(range(0, flat.shape[0], 3), (float("nan"), float("inf"), float("-inf"))):
+        flat[row, (seed + row) % flat.shape[1]] = value
+    return x
+
+
+def _chain(B, K, V, dtype, with_q, seed, logits=False, invalid=False, wild=False, no_mass=False):
+    """Padded inputs (p, q, drafts, num_drafts, u_accept, u_sample): targets (probabilities or logits), drafts mostly
+    the target's argmax (long accepted runs), ragged num_drafts (0 and K included), uniforms."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, K + 1, V, generator=g) * 3
+    y = x[:, :K] + torch.randn(B, K, V, generator=g) * 0.5
+    p, q = (x, y) if logits else (torch.softmax(x, -1), torch.softmax(y, -1))
+    drafts = x[:, :K].argmax(-1)
+    if wild:
+        out = torch.tensor([-1, V, V + 7, 10**12, -(10**12)])
+        pick = torch.rand(B, K, generator=g) < 0.3
+        drafts = torch.where(pick, out[torch.randint(0, len(out), (B, K), generator=g)], drafts)
+    n = torch.randint(0, K + 1, (B,), generator=g)
+    if B > 1:
+        n[0], n[-1] = 0, K
+    if invalid:
+        _poison_rows(p, seed)
+        _poison_rows(q, seed + 1)
+    if no_mass:
+        p[::2] = float("-inf") if logits else 0.0
+    u_a, u_s = torch.rand(B, K, generator=g) ** 2, torch.rand(B, generator=g)
+    return p.to(dtype), q.to(dtype) if with_q else None, drafts, n, u_a, u_s
+
+
+def _flatten(p, q, drafts, n, u_a):
+    """The padded inputs in the flattened form (row b: n_b + 1 target rows, n_b drafts) and cu_num_drafts."""
+    n = n.long().clamp(0, drafts.shape[1])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), n.cumsum(0)])
+
+    def take(x, extra):
+        return torch.cat([x[b, : int(n[b]) + extra] for b in range(len(n))])
+
+    return take(p, 1), None if q is None else take(q, 0), take(drafts, 0), cu, take(u_a, 0)
+
+
+def _chain_grid(grid="quick", logits=False):
+    """(case name, padded inputs, whether the flattened form is checked too) for the chain kernels."""
+    cases = [
+        ("B=5 K=4 V=101 fp32, q", dict(B=5, K=4, V=101, dtype=torch.float32, with_q=True), True),
+        ("B=3 K=3 V=37 fp32, deterministic drafts", dict(B=3, K=3, V=37, dtype=torch.float32, with_q=False), True),
+        ("B=6 K=5 V=63 fp32, drafts out of range", dict(B=6, K=5, V=63, dtype=torch.float32, with_q=True,
+                                                        wild=True), True),
+        ("B=7 K=3 V=45 fp32, invalid rows (NaN, +inf, -inf)",
+         dict(B=7, K=3, V=45, dtype=torch.float32, with_q=True, invalid=True), True),
+        ("B=4 K=2 V=29 fp32, rows without mass", dict(B=4, K=2, V=29, dtype=torch.float32, with_q=False,
+                                                      no_mass=True), False),
+        ("B=3 K=0 V=50 fp32, no drafts", dict(B=3, K=0, V=50, dtype=torch.float32, with_q=True), True),
+    ]
+    for dtype, name in [(torch.float16, "fp16"), (torch.bfloat16, "bf16")]:
+        cases.append((f"B=5 K=3 V=77 {name}, q, invalid rows", dict(B=5, K=3, V=77, dtype=dtype, with_q=True,
+                                                                    invalid=True), True))
+    if grid == "full":
+        cases += [
+            ("B=4 K=6 V=4099 fp32, two vocabulary blocks", dict(B=4, K=6, V=4099, dtype=torch.float32,
+                                                                 with_q=True), True),
+            ("B=3 K=40 V=31 fp32, rows longer than 32 drafts", dict(B=3, K=40, V=31, dtype=torch.float32,
+                                                                   with_q=False), True),
+            ("B=9 K=7 V=1000 fp16, drafts out of range, invalid rows",
+             dict(B=9, K=7, V=1000, dtype=torch.float16, with_q=True, wild=True, invalid=True), True),
+        ]
+    return [(name, _chain(**kw, seed=i, logits=logits), flat) for i, (name, kw, flat) in enumerate(cases)]
+
+
+def accept_cases(grid="quick", flattened=True):
+    """(case, dtype, args of accept) over the chain grid, each in the padded form and (flattened=True) the flattened
+    form, plus one case of strided inputs: views of bigger buffers with batch and row strides that are not V's,
+    column-major drafts and int32 counts."""
+    cases = []
+    for name, (p, q, drafts, n, u_a, u_s), flat in _chain_grid(grid, logits=False):
+        cases.append((f"padded {name}", p.dtype, (p, drafts, n, u_a, u_s, q)))
+        if flat and flattened:
+            p_f, q_f, d_f, cu, ua_f = _flatten(p, q, drafts, n, u_a)
+            cases.append((f"flattened {name}", p.dtype, (p_f, d_f, cu, ua_f, u_s, q_f)))
+    p, q, drafts, n, u_a, u_s = _chain(8, 3, 300, torch.float32, True, seed=99)
+    p = torch.cat([p, p], -1)[::2, :, 1:301]  # (4, 3 + 1, 300), strides (2 * 4 * 600, 600, 1)
+    q = q.transpose(0, 1).contiguous().transpose(0, 1)[::2]  # (4, 3, 300), strides (2 * 300, 8 * 300, 1)
+    cases.append(("padded B=4 K=3 V=300 fp32, strided inputs, int32 counts", p.dtype,
+                  (p, drafts[::2].t().contiguous().t(), n[::2].int(), u_a[::2], u_s[::2], q)))
+    return cases
+
+
+def check_accept(fn, grid="quick", device=None, flattened=True, section="accept") -> list:
+    """Check ``fn(p, draft_tokens, num_drafts, u_accept, u_sample, q)`` against `kernels.acceptance.accept_ref` over
+    `accept_cases`: (tokens, num_accepted) must be equal to the reference's, element for element (compared as int64,
+    so int32 outputs are fine). Pass ``flattened=False`` for a port of the padded form only. Cases in bf16 on CPU
+    are skipped."""
+    from kernels.acceptance import accept_ref
+
+    return _check_exact(section, fn, accept_cases(grid, flattened), accept_ref, _default_device(device))
+
+
+# (temperature, top_k, top_p): the plain distribution, greedy, and top-k / top-p cuts, k = 1 included.
+_TRANSFORMS = [(1.0, 0, 1.0), (0.0, 0, 1.0), (0.7, 5, 0.9), (1.3, 40, 0.5), (0.8, 1, 1.0)]
+
+
+def accept_from_logits_cases(grid="quick", flattened=True):
+    """(case, dtype, args of accept_from_logits) over the chain grid with logits on quarter steps (tied logits, at the
+    top-k cut too), in both forms. quick: one sampling transform per case, in turn among the first three; full: every
+    transform on every case."""
+    transforms = _TRANSFORMS[:3] if grid != "full" else _TRANSFORMS
+    cases = []
+    for i, (name, (t, q, drafts, n, u_a, u_s), flat) in enumerate(_chain_grid(grid, logits=True)):
+        t = (t.float() * 4).round().div(4).to(t.dtype)
+        for options in [transforms[i % len(transforms)]] if grid != "full" else transforms:
+            label = f"{name}, T={options[0]} top_k={options[1]} top_p={options[2]}"
+            cases.append((f"padded {label}", t.dtype, (t, drafts, n, u_a, u_s, q, *options)))
+            if flat and flattened:
+                t_f, q_f, d_f, cu, ua_f = _flatten(t, q, drafts, n, u_a)
+                cases.append((f"flattened {label}", t.dtype, (t_f, d_f, cu, ua_f, u_s, q_f, *options)))
+    return cases
+
+
+def check_accept_from_logits(fn, grid="quick", device=None, flattened=True, section="accept_from_logits") -> list:
+    """Check ``fn(target_logits, draft_tokens, num_drafts, u_accept, u_sample, draft_logits, temperature, top_k,
+    top_p)`` against `kernels.acceptance.accept_from_logits_ref` over `accept_from_logits_cases`, exactly as
+    `check_accept` does (temperature, top_k and top_p are passed as Python numbers)."""
+    from kernels.acceptance import accept_from_logits_ref
+
+    cases = accept_from_logits_cases(grid, flattened)
+    return _check_exact(section, fn, cases, accept_from_logits_ref, _default_device(device))
+
+
+def _tree(B, N, V, dtype, seed, invalid=False, depth=3):
+    """Random trees (p, tokens, parents, u_accept, u_sample) with padding nodes, siblings, repeated and out-of-range
+    candidate tokens, and peaked targets."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(torch.randn(B, N + 1, V, generator=g) * 4, -1)
+    parents = torch.full((B, N + 1), -1, dtype=torch.long)
+    tokens = torch.zeros(B, N + 1, dtype=torch.long)
+    roll = torch.rand(B, N + 1, 3, generator=g)
+    for b in range(B):
+        level = [0] * (N + 1)
+        for i in range(1, N + 1):
+            if roll[b, i, 0] < 0.15:
+                continue  # padding
+            open_nodes = [a for a in range(i) if (a == 0 or parents[b, a] >= 0) and level[a] < depth]
+            a = open_nodes[int(roll[b, i, 1] * len(open_nodes))]
+            parents[b, i], level[i] = a, level[a] + 1
+            r = float(roll[b, i, 2])
+            tokens[b, i] = V + 3 if r < 0.08 else int(p[b, a].argmax()) if r < 0.7 else int(r * 1000) % V
+    if invalid:
+        _poison_rows(p, seed)
+    u_a, u_s = torch.rand(B, N + 1, generator=g) ** 2, torch.rand(B, generator=g)
+    return p.to(dtype), tokens, parents, u_a, u_s
+
+
+def accept_tree_cases(grid="quick"):
+    """(case, dtype, args of accept_tree) over random padded trees."""
+    cases = [
+        ("B=5 N=7 V=37 fp32", dict(B=5, N=7, V=37, dtype=torch.float32)),
+        ("B=4 N=13 V=101 fp32, depth 6", dict(B=4, N=13, V=101, dtype=torch.float32, depth=6)),
+        ("B=6 N=9 V=50 fp32, invalid rows (NaN, +inf, -inf)", dict(B=6, N=9, V=50, dtype=torch.float32,
+                                                                   invalid=True)),
+        ("B=3 N=0 V=20 fp32, root only", dict(B=3, N=0, V=20, dtype=torch.float32)),
+        ("B=4 N=5 V=63 fp16, invalid rows", dict(B=4, N=5, V=63, dtype=torch.float16, invalid=True)),
+        ("B=4 N=7 V=63 bf16", dict(B=4, N=7, V=63, dtype=torch.bfloat16)),
+    ]
+    if grid == "full":
+        cases += [("B=4 N=30 V=4099 fp32, two vocabulary blocks", dict(B=4, N=30, V=4099, dtype=torch.float32)),
+                  ("B=8 N=63 V=200 fp16, invalid rows", dict(B=8, N=63, V=200, dtype=torch.float16, invalid=True))]
+    return [(name, kw["dtype"], _tree(**kw, seed=i)) for i, (name, kw) in enumerate(cases)]
+
+
+def check_accept_tree(fn, grid="quick", device=None, section="accept_tree") -> list:
+    """Check ``fn(p, tokens, parents, u_accept, u_sample)`` against `kernels.tree_acceptance.accept_tree_ref` over
+    `accept_tree_cases`: (out_tokens, path, num_accepted) must be equal to the reference's, element for element.
+    Cases in bf16 on CPU are skipped."""
+    from kernels.tree_acceptance import accept_tree_ref
+
+    return _check_exact(section, fn, accept_tree_cases(grid), accept_tree_ref, _default_device(device))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The project's own kernels
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -312,10 +575,34 @@ def _own_reshape_and_cache(grid, device):
     return check_reshape_and_cache(reshape_and_cache, grid, device)
 
 
+def _own_accept(grid, device):
+    from kernels.acceptance import accept
+
+    return check_accept(accept, grid, device)
+
+
+def _own_accept_from_logits(grid, device):
+    from kernels.acceptance import accept_from_logits
+
+    return check_accept_from_logits(accept_from_logits, grid, device)
+
+
+def _own_accept_tree(grid, device):
+    from kernels.tree_acceptance import accept_tree
+
+    def call(*args):
+        return accept_tree(*args, check_values=False)
+
+    return check_accept_tree(call, grid, device)
+
+
 # name -> function(grid, device) -> list[Result], run on the project's own kernels by main().
 SECTIONS = {
     "attention": _own_attention,
     "reshape_and_cache": _own_reshape_and_cache,
+    "accept": _own_accept,
+    "accept_from_logits": _own_accept_from_logits,
+    "accept_tree": _own_accept_tree,
 }
 
 
