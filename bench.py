@@ -22,6 +22,7 @@ import torch
 
 from minipass.data import humaneval_prompts, jsonl_prompts, sharegpt_prompts
 from minipass.decoding import DecodeStats, SamplingParams
+from minipass.distributed import init_from_env, rank
 from minipass.errors import MinipassError
 from minipass.generate import (LOOKAHEAD_MODES, MODES, add_decoding_args, add_model_args, make_decoder)
 from minipass.loading import load_checkpoint
@@ -209,6 +210,7 @@ def plot(runs: list, path: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    init_from_env()  # under torchrun: tensor parallel over the processes, rank 0 prints and writes files
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -268,13 +270,13 @@ def main(argv=None) -> int:
         printable = [dict(r, weights_gb_per_s=r["weights_gb_per_s"] or 0.0, tokens_per_call=r["tokens_per_call"] or 0.0)
                      for r in runs]
         print_table(printable)
-        if args.json:
+        if args.json and rank() == 0:
             doc = {"model": str(ckpt), "device": device_name(device), "dtype": str(model.embed_tokens.weight.dtype),
                    "runs": runs}
             tmp = Path(args.json).with_name(Path(args.json).name + ".tmp")
             tmp.write_text(json.dumps(doc, indent=1))
             tmp.replace(args.json)
-        if args.plot:
+        if args.plot and rank() == 0:
             plot(runs, args.plot)
     except MinipassError as e:
         print(f"\nerror: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 
 from minipass.decoding import SamplingParams, ar_decode
+from minipass.distributed import init_from_env
 from minipass.errors import MinipassError
 from minipass.loading import load_checkpoint
 from minipass.lookahead import init_lookahead, load_lookahead
@@ -132,6 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    init_from_env()  # under torchrun: tensor parallel over the processes, rank 0 prints
     try:
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
         model, tok, _ = load_checkpoint(args.ckpt, args.dtype, args.device, args.kernels)

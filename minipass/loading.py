@@ -2,7 +2,8 @@
 
 A directory holds `config.json` and either `model.safetensors` or shards listed in `model.safetensors.index.json`.
 The model is built on the meta device and its parameters are assigned straight from the files, so the weights are
-allocated once, in the requested dtype, on the requested device.
+allocated once, in the requested dtype, on the requested device. Under tensor parallelism (`load_model_shard`) each
+rank reads only its slices of the tensors.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from minipass.config import ModelArgs
+from minipass.distributed import ROW_PARALLEL_BIASES, default_group, rank, shard_block
 from minipass.errors import MinipassError
 from minipass.model import Transformer, triton_attention
 
@@ -104,6 +106,61 @@ def load_model(ckpt_dir: Union[str, Path], dtype: Union[str, torch.dtype] = torc
     return model.eval().requires_grad_(False)
 
 
+def load_model_shard(ckpt_dir: Union[str, Path], group, dtype: Union[str, torch.dtype] = torch.float32,
+                     device: Union[str, torch.device] = "cpu") -> Transformer:
+    """This rank's part of the model of `ckpt_dir`, split over the process group `group` (see distributed.py).
+
+    Every tensor is read with safetensors' get_slice: a split one as this rank's block only (rows or columns), a
+    replicated one whole, so no rank ever holds the full model. The checks are those of load_model, against the
+    full shapes of config.json.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    dtype = parse_dtype(dtype)
+    files = checkpoint_files(ckpt_dir)
+    args = ModelArgs.from_json(ckpt_dir / "config.json")
+    with torch.device("meta"):
+        full, model = Transformer(args), Transformer(args, group)
+    expected = {name: p.shape for name, p in full.named_parameters()}
+    local = {name: p.shape for name, p in model.named_parameters()}
+    r = rank(group)
+
+    state = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    name = hf_to_minipass_name(key)
+                    if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and args.tie_embeddings):
+                        continue
+                    if name not in expected:
+                        raise MinipassError(f"{path}: unexpected tensor {key!r} (not part of a {args.n_layers}-layer "
+                                            "LLaMA model with this config.json)")
+                    stored = f.get_slice(key)
+                    shape = tuple(stored.get_shape())
+                    if shape != tuple(expected[name]):
+                        raise MinipassError(f"{path}: tensor {key!r} has shape {list(shape)}, "
+                                            f"expected {list(expected[name])} from config.json")
+                    if name == "embed_tokens.weight":  # the full table's first rows (lookahead.fingerprint)
+                        embedding_sample = stored[:16].clone()
+                    state[name] = torch.zeros(local[name], dtype=dtype, device=device)
+                    if r == 0 or not name.endswith(ROW_PARALLEL_BIASES):
+                        # A copy: slices are views of the mapped file, and a column block is not contiguous.
+                        state[name].copy_(stored[shard_block(shape, local[name], r)])
+        except SafetensorError as e:
+            raise MinipassError(f"{path} is not a valid safetensors file (truncated or corrupt?): {e}") from None
+        except OSError as e:
+            raise MinipassError(f"{path} could not be read: {e}") from None
+
+    missing = [name for name in expected if name not in state]
+    if missing:
+        shown = ", ".join(repr("model." + m if m != "lm_head.weight" else m) for m in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise MinipassError(f"{ckpt_dir}: checkpoint is missing tensor(s) {shown}{more}")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.embedding_sample = embedding_sample
+    return model.eval().requires_grad_(False)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -121,7 +178,8 @@ def load_checkpoint(ckpt: Union[str, Path, None], dtype: Union[str, torch.dtype,
     """(model, tokenizer, checkpoint directory) for `ckpt`, or for the embedded default model when it is None.
 
     dtype None picks fp32 on CPU and bf16 on CUDA. kernels: 'auto' (Triton on CUDA when installed), 'triton' or
-    'torch'.
+    'torch'. Under torchrun with more than one process (distributed.init_from_env), every rank loads its shard of the
+    model (load_model_shard), on GPU LOCAL_RANK when the device is CUDA.
     """
     from minipass.tokenizer import Tokenizer  # the tokenizer packages are only needed once a checkpoint is loaded
 
@@ -131,7 +189,12 @@ def load_checkpoint(ckpt: Union[str, Path, None], dtype: Union[str, torch.dtype,
         ckpt = default_checkpoint()
     dev = resolve_device(device)
     dtype = parse_dtype(dtype or ("bf16" if dev.type == "cuda" else "fp32"))
-    model = load_model(ckpt, dtype=dtype, device=dev)
+    group = default_group()
+    if group is None:
+        model = load_model(ckpt, dtype=dtype, device=dev)
+    else:
+        dev = torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" else dev
+        model = load_model_shard(ckpt, group, dtype=dtype, device=dev)
     tokenizer = Tokenizer.from_dir(ckpt)
     if kernels == "triton" and (dev.type != "cuda" or triton_attention is None):
         raise MinipassError("--kernels triton needs a CUDA device and the triton package")
