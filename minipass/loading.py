@@ -111,8 +111,8 @@ def load_model_shard(ckpt_dir: Union[str, Path], group, dtype: Union[str, torch.
     """This rank's part of the model of `ckpt_dir`, split over the process group `group` (see distributed.py).
 
     Every tensor is read with safetensors' get_slice: a split one as this rank's block only (rows or columns), a
-    replicated one whole, so no rank ever holds the full model. The checks are those of load_model, against the
-    full shapes of config.json.
+    replicated one whole, so no rank ever holds the full model: resident memory grows by this rank's shard. The
+    checks are those of load_model, against the full shapes of config.json.
     """
     ckpt_dir = Path(ckpt_dir)
     dtype = parse_dtype(dtype)
@@ -128,23 +128,25 @@ def load_model_shard(ckpt_dir: Union[str, Path], group, dtype: Union[str, torch.
     for path in files:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    name = hf_to_minipass_name(key)
-                    if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and args.tie_embeddings):
-                        continue
-                    if name not in expected:
-                        raise MinipassError(f"{path}: unexpected tensor {key!r} (not part of a {args.n_layers}-layer "
-                                            "LLaMA model with this config.json)")
+                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            for key, shape in shapes.items():
+                name = hf_to_minipass_name(key)
+                if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and args.tie_embeddings):
+                    continue
+                if name not in expected:
+                    raise MinipassError(f"{path}: unexpected tensor {key!r} (not part of a {args.n_layers}-layer "
+                                        "LLaMA model with this config.json)")
+                if shape != tuple(expected[name]):
+                    raise MinipassError(f"{path}: tensor {key!r} has shape {list(shape)}, "
+                                        f"expected {list(expected[name])} from config.json")
+                state[name] = torch.zeros(local[name], dtype=dtype, device=device)
+                # The file is opened per tensor: a slice is a view of the mapped file, and a column block touches
+                # pages of every row, which stay resident until the mapping closes.
+                with safe_open(str(path), framework="pt", device="cpu") as f:
                     stored = f.get_slice(key)
-                    shape = tuple(stored.get_shape())
-                    if shape != tuple(expected[name]):
-                        raise MinipassError(f"{path}: tensor {key!r} has shape {list(shape)}, "
-                                            f"expected {list(expected[name])} from config.json")
                     if name == "embed_tokens.weight":  # the full table's first rows (lookahead.fingerprint)
                         embedding_sample = stored[:16].clone()
-                    state[name] = torch.zeros(local[name], dtype=dtype, device=device)
                     if r == 0 or not name.endswith(ROW_PARALLEL_BIASES):
-                        # A copy: slices are views of the mapped file, and a column block is not contiguous.
                         state[name].copy_(stored[shard_block(shape, local[name], r)])
         except SafetensorError as e:
             raise MinipassError(f"{path} is not a valid safetensors file (truncated or corrupt?): {e}") from None

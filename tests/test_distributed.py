@@ -104,10 +104,11 @@ def worker(rank: int, tmp: Path):
         results[config] = tokens
     results["triton"] = work(load_model_shard(tmp / "untied", group), tmp / "untied.lookahead.safetensors",
                              kernels="triton")[0]
-    try:
-        load_model_shard(tmp / "three-kv-heads", group)
-    except MinipassError as e:
-        results["error"] = str(e)
+    for bad in ("three-kv-heads", "wrong-shape"):
+        try:
+            load_model_shard(tmp / bad, group)
+        except MinipassError as e:
+            results[bad] = str(e)
     (tmp / f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
@@ -124,6 +125,10 @@ def tp(tmp_path_factory):
         full = load_model(tmp / config)
         reference[config] = work(full, tmp / f"{config}.lookahead.safetensors")
     save_checkpoint(tiny_model("tiny-untied-mha"), tmp / "three-kv-heads")
+    wrong = save_checkpoint(make_model("untied"), tmp / "wrong-shape") / "model.safetensors"
+    tensors = load_file(str(wrong))
+    tensors["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(64, 64)
+    save_file(tensors, str(wrong))
     mp.spawn(worker, args=(tmp,), nprocs=WORLD)
     ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
     return tmp, ranks, reference
@@ -209,7 +214,17 @@ def test_each_rank_holds_its_megatron_shard_and_a_share_of_the_bytes(tp, config)
 def test_indivisible_kv_heads_are_refused_by_every_rank(tp):
     _, ranks, _ = tp
     for r in range(WORLD):
-        assert ranks[r]["error"] == "cannot split the model over 2 ranks: num_key_value_heads (3) is not divisible by 2"
+        assert ranks[r]["three-kv-heads"] == ("cannot split the model over 2 ranks: num_key_value_heads (3) is not "
+                                              "divisible by 2")
+
+
+def test_a_shard_is_checked_against_the_full_shapes(tp):
+    tmp, ranks, _ = tp
+    with pytest.raises(MinipassError) as single:
+        load_model(tmp / "wrong-shape")
+    assert "'model.layers.1.self_attn.k_proj.weight' has shape [64, 64], expected [32, 64]" in str(single.value)
+    for r in range(WORLD):
+        assert ranks[r]["wrong-shape"] == str(single.value)
 
 
 def test_divisibility_error_names_every_size():
