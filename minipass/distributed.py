@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+from contextlib import contextmanager
 from functools import partial
 from typing import Optional
 
@@ -64,6 +65,16 @@ def default_group() -> Optional[dist.ProcessGroup]:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.group.WORLD
     return None
+
+
+@contextmanager
+def rank_zero_first(group: Optional[dist.ProcessGroup]):
+    """Rank 0 runs the block before the other ranks of `group` do (a download or conversion that they then reuse)."""
+    if group is not None and rank(group) > 0:
+        dist.barrier(group=group)
+    yield
+    if group is not None and rank(group) == 0:
+        dist.barrier(group=group)
 
 
 def rank(group: Optional[dist.ProcessGroup] = None) -> int:

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from minipass.config import ModelArgs
-from minipass.distributed import ROW_PARALLEL_BIASES, default_group, rank, shard_block
+from minipass.distributed import ROW_PARALLEL_BIASES, default_group, rank, rank_zero_first, shard_block
 from minipass.errors import MinipassError
 from minipass.model import Transformer, triton_attention
 
@@ -185,13 +185,14 @@ def load_checkpoint(ckpt: Union[str, Path, None], dtype: Union[str, torch.dtype,
     """
     from minipass.tokenizer import Tokenizer  # the tokenizer packages are only needed once a checkpoint is loaded
 
+    group = default_group()
     if ckpt is None:
         from minipass.smollm2 import default_checkpoint
 
-        ckpt = default_checkpoint()
+        with rank_zero_first(group):  # converted once, on first use
+            ckpt = default_checkpoint()
     dev = resolve_device(device)
     dtype = parse_dtype(dtype or ("bf16" if dev.type == "cuda" else "fp32"))
-    group = default_group()
     if group is None:
         model = load_model(ckpt, dtype=dtype, device=dev)
     else:
