@@ -37,6 +37,7 @@ from minipass.cli import add_decoding_args, add_model_args, decoder_options, run
 from minipass.data import humaneval_prompts, jsonl_prompts, sharegpt_prompts
 from minipass.decoders import LOOKAHEAD_MODES, MODES, lookahead_for, make_decoder
 from minipass.decoding import DecodeStats, SamplingParams, compile_options
+from minipass.distributed import init_from_env, rank
 from minipass.errors import MinipassError
 from minipass.loading import load_checkpoint
 
@@ -542,7 +543,7 @@ def bench(args: argparse.Namespace) -> None:
               "(the paired speed-ups are the figures to trust)", file=sys.stderr)
     for r in runs:
         r.pop("_ar_ms", None)
-    if args.json:
+    if args.json and rank() == 0:
         doc = {"model": str(ckpt), "device": device_name(device), "dtype": str(model.embed_tokens.weight.dtype),
                "compiled": bool(compile_), "rounds": args.rounds, "load_average_start": load_start,
                "load_average_end": load_end, "bandwidth_gb_per_s": round(bandwidth, 2), "weights_gb": round(gb, 4),
@@ -554,12 +555,13 @@ def bench(args: argparse.Namespace) -> None:
         tmp = Path(args.json).with_name(Path(args.json).name + ".tmp")
         tmp.write_text(json.dumps(doc, indent=1))
         tmp.replace(args.json)
-    if args.plot:
+    if args.plot and rank() == 0:
         plot(runs, args.plot)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    init_from_env()  # under torchrun: tensor parallel over the processes, rank 0 prints and writes files
     return run_cli(lambda: bench(args))
 
 

@@ -4,7 +4,8 @@ A directory holds `config.json` and either `model.safetensors` or shards listed 
 a GGUF file holds everything in one (see gguf_loader.py). The model is built on the meta device and its parameters
 are assigned straight from the files, tensor by tensor, so the weights are allocated once, in the requested dtype, on
 the requested device. Every tensor is checked against the config (name, shape, a floating-point type) before it is
-read; `check_weights` also scans the weights for NaN and infinite values.
+read; `check_weights` also scans the weights for NaN and infinite values. Under tensor parallelism
+(`load_model_shard`) each rank reads only its slices of the tensors.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from minipass.config import ModelArgs
+from minipass.distributed import ROW_PARALLEL_BIASES, default_group, rank, rank_zero_first, shard_block
 from minipass.errors import MinipassError
 from minipass.gguf_loader import GGUFCheckpoint, is_gguf
 from minipass.model import Transformer, triton_attention
@@ -213,6 +215,63 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def load_model_shard(ckpt_dir: Union[str, Path], group, dtype: Union[str, torch.dtype] = torch.float32,
+                     device: Union[str, torch.device] = "cpu") -> Transformer:
+    """This rank's part of the model of `ckpt_dir`, split over the process group `group` (see distributed.py).
+
+    Every tensor is read with safetensors' get_slice: a split one as this rank's block only (rows or columns), a
+    replicated one whole, so no rank ever holds the full model: resident memory grows by this rank's shard. The
+    checks are those of load_model, against the full shapes of config.json.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    dtype = parse_dtype(dtype)
+    files = checkpoint_files(ckpt_dir)
+    args = ModelArgs.from_json(ckpt_dir / "config.json")
+    with torch.device("meta"):
+        full, model = Transformer(args), Transformer(args, group)
+    expected = {name: p.shape for name, p in full.named_parameters()}
+    local = {name: p.shape for name, p in model.named_parameters()}
+    r = rank(group)
+
+    state = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            for key, shape in shapes.items():
+                name = hf_to_minipass_name(key)
+                if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and args.tie_embeddings):
+                    continue
+                if name not in expected:
+                    raise MinipassError(f"{path}: unexpected tensor {key!r} (not part of a {args.n_layers}-layer "
+                                        "LLaMA model with this config.json)")
+                if shape != tuple(expected[name]):
+                    raise MinipassError(f"{path}: tensor {key!r} has shape {list(shape)}, "
+                                        f"expected {list(expected[name])} from config.json")
+                state[name] = torch.zeros(local[name], dtype=dtype, device=device)
+                # The file is opened per tensor: a slice is a view of the mapped file, and a column block touches
+                # pages of every row, which stay resident until the mapping closes.
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    stored = f.get_slice(key)
+                    if name == "embed_tokens.weight":  # the full table's first rows (lookahead.fingerprint)
+                        embedding_sample = stored[:16].clone()
+                    if r == 0 or not name.endswith(ROW_PARALLEL_BIASES):
+                        state[name].copy_(stored[shard_block(shape, local[name], r)])
+        except SafetensorError as e:
+            raise MinipassError(f"{path} is not a valid safetensors file (truncated or corrupt?): {e}") from None
+        except OSError as e:
+            raise MinipassError(f"{path} could not be read: {e}") from None
+
+    missing = [name for name in expected if name not in state]
+    if missing:
+        shown = ", ".join(repr("model." + m if m != "lm_head.weight" else m) for m in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise MinipassError(f"{ckpt_dir}: checkpoint is missing tensor(s) {shown}{more}")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.embedding_sample = embedding_sample
+    return model.eval().requires_grad_(False)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -231,20 +290,32 @@ def load_checkpoint(ckpt: Union[str, Path, None], dtype: Union[str, torch.dtype,
     default model when it is None.
 
     dtype None or 'auto' picks `default_dtype` for the device. kernels: 'auto' (Triton on CUDA when installed),
-    'triton' or 'torch'. check_weights: refuse weights that are NaN or infinite (see load_model).
+    'triton' or 'torch'. check_weights: refuse weights that are NaN or infinite (see load_model). Under torchrun
+    with more than one process (distributed.init_from_env), every rank loads its shard of the model
+    (load_model_shard), on GPU LOCAL_RANK when the device is CUDA.
     """
     from minipass.tokenizer import Tokenizer  # the tokenizer packages are only needed once a checkpoint is loaded
 
+    group = default_group()
     if ckpt is None:
         from minipass.smollm2 import default_checkpoint
 
-        ckpt = default_checkpoint()
+        with rank_zero_first(group):  # converted once, on first use
+            ckpt = default_checkpoint()
     ckpt = Path(ckpt)
     dev = resolve_device(device)
     dtype = default_dtype(dev) if dtype in (None, "auto") else parse_dtype(dtype)
     if kernels == "triton" and (dev.type != "cuda" or triton_attention is None):
         raise MinipassError("--kernels triton needs a CUDA device and the triton package")
-    if is_gguf(ckpt):
+    if group is not None:
+        if is_gguf(ckpt):
+            raise MinipassError(f"{ckpt}: tensor parallelism reads safetensors checkpoints, shard by shard; convert "
+                                "the GGUF file to a checkpoint directory first (python weights/convert_smollm2.py "
+                                "--gguf FILE --out DIR)")
+        dev = torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" else dev
+        model = load_model_shard(ckpt, group, dtype=dtype, device=dev)
+        tokenizer = Tokenizer.from_dir(ckpt)
+    elif is_gguf(ckpt):
         gguf = GGUFCheckpoint(ckpt)
         tokenizer = gguf.tokenizer()  # before the weights: an unsupported tokenizer is refused in a moment
         model = load_gguf(gguf, dtype, dev, check_weights)

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from minipass.distributed import embedding_moments
 from minipass.errors import MinipassError
 from minipass.model import Transformer
 
@@ -55,16 +56,17 @@ def fingerprint_from(args, embedding_sample: Tensor) -> str:
 def init_lookahead(model: Transformer, L: int, how: str = "mean", seed: int = 0, per_layer: bool = False) -> Tensor:
     """Untrained embeddings (L, dim), fp32: the mean token embedding (default), or small random vectors. per_layer:
     (n_layers, L, dim) with zero layer additions (the same function as the embeddings alone)."""
-    w = model.embed_tokens.weight.detach().float()
+    # Statistics of the whole table, also when its rows are split over tensor-parallel ranks.
+    mean, std = embedding_moments(model.embed_tokens.weight, model.group)
     if how == "mean":
-        emb = w.mean(0).expand(L, -1).clone()
+        emb = mean.expand(L, -1).clone()
     elif how == "random":
         g = torch.Generator().manual_seed(seed)
-        emb = (torch.randn(L, w.shape[1], generator=g) * w.std().item()).to(w.device)
+        emb = (torch.randn(L, mean.shape[0], generator=g) * std).to(mean.device)
     else:
         raise MinipassError(f"unknown look-ahead init {how!r}; use 'mean' or 'random'")
     if per_layer:
-        emb = torch.cat([emb[None], emb.new_zeros(model.args.n_layers - 1, L, w.shape[1])])
+        emb = torch.cat([emb[None], emb.new_zeros(model.args.n_layers - 1, L, mean.shape[0])])
     return emb
 
 

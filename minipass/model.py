@@ -8,6 +8,9 @@ call covers prefill (ragged prompts, right-padded), autoregressive steps, PaSS d
 verification, and token trees.
 
 Parameter names follow Hugging Face checkpoints (without the leading "model."), so loading is one key map.
+Built with a torch.distributed process group, the model is this rank's tensor-parallel shard (distributed.py): the
+modules hold their slice of the heads, of the MLP and of the vocabulary, and add up partial results with one
+all-reduce after attention and one after the MLP.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minipass.config import ModelArgs
+from minipass.distributed import all_gather_last, all_reduce, check_divisible, rank, world_size
 from minipass.memory import check_decode_memory
 
 try:  # the Triton kernel is optional: CPU-only machines, and platforms without Triton, use the torch path
@@ -129,14 +133,17 @@ def attention_torch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, group=None):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        # Tensor parallel over `group` (distributed.py): this rank's KV heads and the query heads that share them.
+        n = world_size(group)
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads // n, args.n_kv_heads // n, args.head_dim
+        self.group = group
         bias = args.attention_bias
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=bias)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
-        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=bias)
+        self.q_proj = nn.Linear(args.dim, self.n_heads * args.head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.dim, self.n_kv_heads * args.head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.dim, self.n_kv_heads * args.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * args.head_dim, args.dim, bias=bias)
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, write_index: Tensor, cache_seqlens: Tensor,
@@ -154,27 +161,29 @@ class Attention(nn.Module):
         else:
             y = attention_torch(q, self.kv_cache.k[:, :, :kv_len], self.kv_cache.v[:, :, :kv_len], full_mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.o_proj(y)
+        return all_reduce(self.o_proj(y), self.group)  # the heads of every rank
 
 
 class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, group=None):
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
-        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
-        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
+        hidden = args.intermediate_size // world_size(group)  # tensor parallel: this rank's slice
+        self.group = group
+        self.gate_proj = nn.Linear(args.dim, hidden, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.dim, hidden, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(hidden, args.dim, bias=args.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), self.group)
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, group=None):
         super().__init__()
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
-        self.self_attn = Attention(args)
+        self.self_attn = Attention(args, group)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
-        self.mlp = FeedForward(args)
+        self.mlp = FeedForward(args, group)
 
     def forward(self, x: Tensor, *attn_args) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), *attn_args)
@@ -182,13 +191,20 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, group=None):
+        """group: the torch.distributed process group to split the model over (tensor parallel, see
+        distributed.py; loading.load_model_shard fills such a model), or None for the whole model."""
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        if group is not None:
+            check_divisible(args, world_size(group))
+        # Tensor parallel: the embedding and the head hold vocabulary rows vocab_start .. vocab_start + V/N - 1.
+        self.group, local_vocab = group, args.vocab_size // world_size(group)
+        self.vocab_start = rank(group) * local_vocab if group is not None else 0
+        self.embed_tokens = nn.Embedding(local_vocab, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, group) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.lm_head = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.lm_head = None if args.tie_embeddings else nn.Linear(args.dim, local_vocab, bias=False)
         self.kernels = "torch"  # "torch" or "triton"; see set_kernels()
         self.cache_batch_size = 0
         self.cache_len = 0
@@ -212,12 +228,13 @@ class Transformer(nn.Module):
         param = self.embed_tokens.weight
         dtype, device = dtype or param.dtype, device or param.device
         a = self.args
+        n_kv_heads = self.layers[0].self_attn.n_kv_heads  # this rank's, under tensor parallelism
         # Drop the previous cache first: its memory is reusable for the new one.
         self.kv = None
         for layer in self.layers:
             layer.self_attn.kv_cache = None
         check_decode_memory(self, batch_size, max_seq_len, call_width, prefill_len, dtype, device)
-        self.kv = torch.zeros(a.n_layers, 2, batch_size, a.n_kv_heads, max_seq_len, a.head_dim, dtype=dtype,
+        self.kv = torch.zeros(a.n_layers, 2, batch_size, n_kv_heads, max_seq_len, a.head_dim, dtype=dtype,
                               device=device)
         for i, layer in enumerate(self.layers):
             layer.self_attn.kv_cache = KVCache(self.kv[i, 0], self.kv[i, 1])
@@ -245,7 +262,13 @@ class Transformer(nn.Module):
         return self.kernels == "triton"
 
     def embed(self, tokens: Tensor) -> Tensor:
-        return self.embed_tokens(tokens)
+        if self.group is None:
+            return self.embed_tokens(tokens)
+        # Vocabulary-parallel: a token's row lives on one rank; the others add zeros, so the sum is that row exactly.
+        local = tokens - self.vocab_start
+        mine = (local >= 0) & (local < self.embed_tokens.num_embeddings)
+        x = self.embed_tokens(torch.where(mine, local, 0)).masked_fill(~mine[..., None], 0.0)
+        return all_reduce(x, self.group)
 
     def forward(self, tokens: Optional[Tensor] = None, *, input_pos: Tensor, cache_seqlens: Tensor,
                 mask: Optional[Tensor] = None, embeds: Optional[Tensor] = None, kv_len: Optional[int] = None,
@@ -266,7 +289,7 @@ class Transformer(nn.Module):
         layer_adds: (n_layers - 1, B or 1, T, dim), added to the residual stream before layers 1..n_layers-1 (per-layer
         look-ahead parameters, see lookahead.py; zero at real tokens).
         """
-        x = self.embed_tokens(tokens) if embeds is None else embeds
+        x = self.embed(tokens) if embeds is None else embeds
         B, T, _ = x.shape  # (B, T, dim)
         cos, sin = self.rope_tables(x.device)
         cos, sin = cos[input_pos][:, :, None, :], sin[input_pos][:, :, None, :]  # (B, T, 1, D)
@@ -290,4 +313,5 @@ class Transformer(nn.Module):
         The product is one 2-D matrix multiply on contiguous rows: given a 3-D or strided input, F.linear takes a
         batched-matmul path that copies the (vocab, dim) weight transposed on every call."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h.reshape(-1, h.shape[-1]), weight).view(*h.shape[:-1], weight.shape[0])
+        logits = F.linear(h.reshape(-1, h.shape[-1]), weight).view(*h.shape[:-1], weight.shape[0])
+        return all_gather_last(logits, self.group)  # tensor parallel: every rank's vocabulary slice
