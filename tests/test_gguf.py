@@ -16,8 +16,9 @@ from gguf.quants import dequantize, quantize  # noqa: E402
 import minipass.gguf_loader as gguf_loader  # noqa: E402
 from minipass.config import ModelArgs  # noqa: E402
 from minipass.decoding import ar_decode  # noqa: E402
+from minipass.decoders import DEFAULT_LOOKAHEAD_FILE  # noqa: E402
 from minipass.errors import MinipassError  # noqa: E402
-from minipass.generate import DEFAULT_LOOKAHEAD_FILE, main  # noqa: E402
+from minipass.generate import main  # noqa: E402
 from minipass.loading import load_checkpoint, load_model  # noqa: E402
 from minipass.lookahead import fingerprint, load_lookahead  # noqa: E402
 from minipass.model import Transformer  # noqa: E402

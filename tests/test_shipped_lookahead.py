@@ -2,13 +2,11 @@
 that use them stay token-identical to autoregressive greedy decoding (trained drafts get accepted far more often than
 untrained ones, so this exercises the multi-token acceptance paths on the real model)."""
 
-import argparse
-
 import pytest
 import torch
 
 from minipass.errors import MinipassError
-from minipass.generate import DEFAULT_LOOKAHEAD_FILE, lookahead_for
+from minipass.decoders import DEFAULT_LOOKAHEAD_FILE, lookahead_for
 from minipass.lookahead import load_lookahead
 from minipass.pass_decoding import pass1_decode, pass_decode
 from minipass.tree_decoding import tree_decode
@@ -21,10 +19,12 @@ def test_shipped_file_is_the_default_and_truncates(default_model):
     assert DEFAULT_LOOKAHEAD_FILE.is_file()
     full = load_lookahead(DEFAULT_LOOKAHEAD_FILE, model)
     assert full.shape == (model.args.n_layers, 8, model.args.dim)  # embeddings and per-layer additions
-    args = argparse.Namespace(lookahead_file=None, ckpt=None)
-    assert torch.equal(lookahead_for(model, args, 3), full[:, :3])
+    la, source = lookahead_for(model, None, 3, default_model=True)
+    assert torch.equal(la, full[:, :3]) and source == str(DEFAULT_LOOKAHEAD_FILE)
     with pytest.raises(MinipassError, match="9"):
-        lookahead_for(model, args, 9)
+        lookahead_for(model, None, 9, default_model=True)
+    untrained, source = lookahead_for(model, None, 3, default_model=False)
+    assert source.startswith("untrained") and not torch.equal(untrained, full[:, :3])
 
 
 @pytest.mark.parametrize("mode", ["pass", "pass1", "tree"])
