@@ -293,7 +293,7 @@ class Transformer(nn.Module):
         B, T, _ = x.shape  # (B, T, dim)
         cos, sin = self.rope_tables(x.device)
         cos, sin = cos[input_pos][:, :, None, :], sin[input_pos][:, :, None, :]  # (B, T, 1, D)
-        write_index = cache_index(cache_seqlens, T, self.args.n_kv_heads, self.cache_len)  # shared by every layer
+        write_index = cache_index(cache_seqlens, T, self.kv.shape[3], self.cache_len)  # this rank's heads; every layer
         kv_len = self.cache_len if kv_len is None else kv_len
         full_mask = None
         if not self.use_triton:

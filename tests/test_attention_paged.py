@@ -189,7 +189,7 @@ def test_writer_matches_reference(layout, key_dtype, cache_dtype):
 
 def test_writer_on_the_models_contiguous_cache():
     """The model's (B, Hkv, S, D) cache is layout HND with one page per row: slot = b * S + s."""
-    from minipass.model import KVCache
+    from minipass.model import KVCache, cache_index
 
     g = torch.Generator().manual_seed(5)
     B, H, S, D, T = 2, 2, 24, 16, 4
@@ -199,7 +199,7 @@ def test_writer_on_the_models_contiguous_cache():
     v_new = torch.randn(B, T, H, D, generator=g).to(DEVICE)
     lens = torch.tensor([3, 17], device=DEVICE)
     model_k, model_v = k_cache.clone(), v_cache.clone()
-    KVCache(model_k, model_v).write(k_new, v_new, lens[:, None] + torch.arange(T, device=DEVICE))
+    KVCache(model_k, model_v).write(k_new, v_new, cache_index(lens, T, H, S))
     table = torch.arange(B, device=DEVICE)[:, None]
     slots = slot_mapping_for(table, lens, T, S)
     reshape_and_cache(k_new.flatten(0, 1), v_new.flatten(0, 1), k_cache, v_cache, slots, layout="HND")
