@@ -533,7 +533,7 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _INTS = (torch.int64, torch.int32)
 _MAX_BLOCK_K = 32
 # Without a register limit ptxas sometimes stops at 48-80 registers and spills (sm_90 more than sm_80); the hardware's
-# limit, stated, makes it keep every value in registers (at most 168 per thread: python -m kernels.lower_acceptance).
+# limit, stated, makes it keep every value in registers (at most 168 per thread: python -m minipass.kernels.lower_acceptance).
 # One program per row, so the occupancy this gives up matters only when B exceeds the number of SMs.
 MAX_REGISTERS = 255
 # triton.jit reads the variable when the kernels are defined, so this is the mode they run in.

@@ -97,7 +97,7 @@ Host cost and compiled variants
 The shape/dtype/stride/device checks and the configuration (tiles, splits, strides, grid) run once per distinct input
 signature and are cached (``attention_plan``); a call with a known signature only allocates the output and launches:
 about 8-12 us of host CPU time on this project's 2-core CPU with the launch stubbed out (``python -m
-kernels.bench_kernels --host-overhead``), of which ~3 us is the operator dispatch, against 19-26 us before the cache.
+minipass.kernels.bench_kernels --host-overhead``), of which ~3 us is the operator dispatch, against 19-26 us before the cache.
 Lengths, the number of splits, T, S and the mask/scratch strides are not specialised on by Triton
 (``do_not_specialize``), and calls with and without split-K share one variant, so a process compiles one forward
 variant per (dtype, D, BLOCK_M in {16, 32, 64}, mask kind: causal / packed bits / gathered, paged or not, page size):

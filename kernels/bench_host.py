@@ -1,6 +1,6 @@
 """Host time per call of the acceptance launchers: argument checks, output allocation, op dispatch.
 
-    python -m kernels.bench_host
+    python -m minipass.kernels.bench_host
 
 The kernel launch itself is replaced by a no-op, so no GPU is needed and the figures are the launchers' own Python
 cost, which a decoding step pays once per call (Triton's launch adds its own on a GPU). Shapes: B=64, K=6 drafts,
@@ -17,7 +17,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors pass the launchers
 
 import torch  # noqa: E402
 
-from kernels import acceptance, tree_acceptance  # noqa: E402
+from . import acceptance, tree_acceptance  # noqa: E402
 
 
 class _NoLaunch:
@@ -33,7 +33,7 @@ def per_call_us(fn) -> float:
 
 def main() -> None:
     if os.environ["TRITON_INTERPRET"] != "1":
-        sys.exit("kernels.bench_host stubs the launches and needs TRITON_INTERPRET=1 (CPU tensors).")
+        sys.exit("minipass.kernels.bench_host stubs the launches and needs TRITON_INTERPRET=1 (CPU tensors).")
     acceptance._accept_kernel = acceptance._accept_logits_kernel = _NoLaunch()
     tree_acceptance._accept_tree_kernel = _NoLaunch()
     B, K, V, N = 64, 6, 32000, 31

@@ -1,8 +1,8 @@
 """Time the Triton kernels against their torch references (and attention against SDPA and FlexAttention).
 
-    python -m kernels.bench_kernels                  # needs a CUDA GPU
-    python -m kernels.bench_kernels --only attention --dtype bf16
-    python -m kernels.bench_kernels --host-overhead  # runs anywhere: the launcher's host time, launches stubbed
+    python -m minipass.kernels.bench_kernels                  # needs a CUDA GPU
+    python -m minipass.kernels.bench_kernels --only attention --dtype bf16
+    python -m minipass.kernels.bench_kernels --host-overhead  # runs anywhere: the launcher's host time, launches stubbed
 
 Attention: T new tokens (T <= 64) over prefixes of 2k to 32k cached tokens, a PaSS look-ahead mask among the new
 tokens, grouped-query heads (Hq=32, Hkv=8, D=128 by default), at B = 1 and B = 64. The Triton kernel reads the
@@ -27,9 +27,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from kernels.acceptance import accept, accept_from_logits, accept_from_logits_ref, accept_ref
-from kernels.attention import attention, attention_ref, visibility_mask
-from kernels.tree_acceptance import accept_tree, accept_tree_ref
+from .acceptance import accept, accept_from_logits, accept_from_logits_ref, accept_ref
+from .attention import attention, attention_ref, visibility_mask
+from .tree_acceptance import accept_tree, accept_tree_ref
 
 
 def cuda_time(fn, reps: int = 50) -> float:
@@ -119,7 +119,7 @@ def host_overhead(reps: int = 2000) -> None:
     """Host time per `attention` call on CPU tensors with the Triton launches replaced by no-ops."""
     import time
 
-    from kernels import attention as A
+    from . import attention as A
 
     class _Stub:
         def __getitem__(self, grid):

@@ -1,13 +1,13 @@
 """Conformance suite: check a port of minipass's kernels against the torch references, and print a pass/fail table.
 
-    python -m kernels.conformance                      # every section on the project's own kernels, full grid
+    python -m minipass.kernels.conformance                      # every section on the project's own kernels, full grid
                                                        # (CUDA if available, else the Triton interpreter on CPU)
-    python -m kernels.conformance --grid quick         # the small grid the project's tests use
-    python -m kernels.conformance --only accept_tree   # one section (names below)
+    python -m minipass.kernels.conformance --grid quick         # the small grid the project's tests use
+    python -m minipass.kernels.conformance --only accept_tree   # one section (names below)
 
 From your own code, with your copy of a kernel (same signature as the project's; see each check's docstring):
 
-    from kernels.conformance import check_accept, check_attention, print_table
+    from .conformance import check_accept, check_attention, print_table
     results = check_attention(my_attention, grid="full", device="cuda", forms=["HND", "NHD paged"])
     results += check_accept(my_accept, grid="full", device="cuda", flattened=False)  # a port of the padded form
     print_table(results)
@@ -221,7 +221,7 @@ def attention_cases(grid="quick"):
 def check_attention(fn, grid="quick", device=None, forms: Optional[Iterable[str]] = None, sm_scale=None,
                     section="attention") -> list:
     """Check ``fn(q, k_cache, v_cache, cache_seqlens, mask, sm_scale=None, *, block_table=None, layout="HND")``
-    against `kernels.attention.attention_ref` over the grid.
+    against `minipass.kernels.attention.attention_ref` over the grid.
 
     The contract (README "Porting the kernels"): q (B, Hq, T, D); the cache in one of the forms of ATTENTION_FORMS
     (for contiguous HND no keyword is passed, so a port of only the original form can be checked with
@@ -230,7 +230,7 @@ def check_attention(fn, grid="quick", device=None, forms: Optional[Iterable[str]
     error against the fp32 reference (TOLERANCE per dtype). Cases in a form not in `forms`, or in bf16 on CPU, are
     skipped.
     """
-    from kernels.attention import attention_ref
+    from .attention import attention_ref
 
     device = _default_device(device)
     forms = set(ATTENTION_FORMS if forms is None else forms)
@@ -277,9 +277,9 @@ def reshape_and_cache_cases(grid="quick"):
 
 def check_reshape_and_cache(fn, grid="quick", device=None, section="reshape_and_cache") -> list:
     """Check ``fn(key, value, k_cache, v_cache, slot_mapping, layout)`` (in place) against
-    `kernels.kv_cache.reshape_and_cache_ref`: key/value (N, Hkv, D) views of a (N, Hkv, 2D) buffer, slots in random
+    `minipass.kernels.kv_cache.reshape_and_cache_ref`: key/value (N, Hkv, D) views of a (N, Hkv, 2D) buffer, slots in random
     order with -1 padding (skipped); the whole caches must come out bit-identical to the reference's."""
-    from kernels.kv_cache import reshape_and_cache_ref
+    from .kv_cache import reshape_and_cache_ref
 
     device = _default_device(device)
     results = []
@@ -462,11 +462,11 @@ def accept_cases(grid="quick", flattened=True):
 
 
 def check_accept(fn, grid="quick", device=None, flattened=True, section="accept") -> list:
-    """Check ``fn(p, draft_tokens, num_drafts, u_accept, u_sample, q)`` against `kernels.acceptance.accept_ref` over
+    """Check ``fn(p, draft_tokens, num_drafts, u_accept, u_sample, q)`` against `minipass.kernels.acceptance.accept_ref` over
     `accept_cases`: (tokens, num_accepted) must be equal to the reference's, element for element (compared as int64,
     so int32 outputs are fine). Pass ``flattened=False`` for a port of the padded form only. Cases in bf16 on CPU
     are skipped."""
-    from kernels.acceptance import accept_ref
+    from .acceptance import accept_ref
 
     return _check_exact(section, fn, accept_cases(grid, flattened), accept_ref, _default_device(device))
 
@@ -494,9 +494,9 @@ def accept_from_logits_cases(grid="quick", flattened=True):
 
 def check_accept_from_logits(fn, grid="quick", device=None, flattened=True, section="accept_from_logits") -> list:
     """Check ``fn(target_logits, draft_tokens, num_drafts, u_accept, u_sample, draft_logits, temperature, top_k,
-    top_p)`` against `kernels.acceptance.accept_from_logits_ref` over `accept_from_logits_cases`, exactly as
+    top_p)`` against `minipass.kernels.acceptance.accept_from_logits_ref` over `accept_from_logits_cases`, exactly as
     `check_accept` does (temperature, top_k and top_p are passed as Python numbers)."""
-    from kernels.acceptance import accept_from_logits_ref
+    from .acceptance import accept_from_logits_ref
 
     cases = accept_from_logits_cases(grid, flattened)
     return _check_exact(section, fn, cases, accept_from_logits_ref, _default_device(device))
@@ -544,10 +544,10 @@ def accept_tree_cases(grid="quick"):
 
 
 def check_accept_tree(fn, grid="quick", device=None, section="accept_tree") -> list:
-    """Check ``fn(p, tokens, parents, u_accept, u_sample)`` against `kernels.tree_acceptance.accept_tree_ref` over
+    """Check ``fn(p, tokens, parents, u_accept, u_sample)`` against `minipass.kernels.tree_acceptance.accept_tree_ref` over
     `accept_tree_cases`: (out_tokens, path, num_accepted) must be equal to the reference's, element for element.
     Cases in bf16 on CPU are skipped."""
-    from kernels.tree_acceptance import accept_tree_ref
+    from .tree_acceptance import accept_tree_ref
 
     return _check_exact(section, fn, accept_tree_cases(grid), accept_tree_ref, _default_device(device))
 
@@ -558,7 +558,7 @@ def check_accept_tree(fn, grid="quick", device=None, section="accept_tree") -> l
 
 
 def _own_attention(grid, device):
-    from kernels.attention import attention
+    from .attention import attention
 
     def call(*args, **kwargs):
         return attention(*args, check_values=True, **kwargs)
@@ -570,25 +570,25 @@ def _own_attention(grid, device):
 
 
 def _own_reshape_and_cache(grid, device):
-    from kernels.kv_cache import reshape_and_cache
+    from .kv_cache import reshape_and_cache
 
     return check_reshape_and_cache(reshape_and_cache, grid, device)
 
 
 def _own_accept(grid, device):
-    from kernels.acceptance import accept
+    from .acceptance import accept
 
     return check_accept(accept, grid, device)
 
 
 def _own_accept_from_logits(grid, device):
-    from kernels.acceptance import accept_from_logits
+    from .acceptance import accept_from_logits
 
     return check_accept_from_logits(accept_from_logits, grid, device)
 
 
 def _own_accept_tree(grid, device):
-    from kernels.tree_acceptance import accept_tree
+    from .tree_acceptance import accept_tree
 
     def call(*args):
         return accept_tree(*args, check_values=False)

@@ -1,6 +1,6 @@
 """Write the new tokens' K/V into a paged (or contiguous) KV cache: what engines call ``reshape_and_cache``.
 
-This is the step before ``kernels.attention.attention``: the T new tokens of each row must be in the cache at slots
+This is the step before ``minipass.kernels.attention.attention``: the T new tokens of each row must be in the cache at slots
 ``L_b .. L_b+T-1`` when the attention reads it.
 
 Math

@@ -1,7 +1,7 @@
 """Lower the acceptance kernels to sm_80 and sm_90 cubins without a GPU, and report registers and spills.
 
-    python -m kernels.lower_acceptance                 # every configuration below, bf16/fp16/fp32, both targets
-    python -m kernels.lower_acceptance --dtype bf16
+    python -m minipass.kernels.lower_acceptance                 # every configuration below, bf16/fp16/fp32, both targets
+    python -m minipass.kernels.lower_acceptance --dtype bf16
 
 The configurations are those the launchers pick (launch_params) for a 32000-token vocabulary and for a small one,
 K = 6 drafts per row (padded and flattened), a full chunk of 31 drafts, and trees of 32 and 64 nodes, with every
@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import acceptance, tree_acceptance
+from . import acceptance, tree_acceptance
 
 _FLOAT_ARGS = {"p_ptr", "q_ptr", "t_ptr"}           # the distributions, in the dtype under test
 _FP32_ARGS = {"ua_ptr", "us_ptr"}
@@ -96,7 +96,7 @@ def main() -> None:
                     help="dtype of the distributions (repeatable; default all three)")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise SystemExit("kernels.lower_acceptance needs the compiled kernels: unset TRITON_INTERPRET.")
+        raise SystemExit("minipass.kernels.lower_acceptance needs the compiled kernels: unset TRITON_INTERPRET.")
     print(f"{'configuration':70s} {'dtype':5s} {'warps':>5s}  {'sm_80 regs/spill B':>18s}  {'sm_90 regs/spill B':>18s}")
     for label, kernel, constexprs, warps, maxnreg in configurations():
         for dtype in args.dtype or ["bf16", "fp16", "fp32"]:

@@ -29,7 +29,7 @@ from minipass.distributed import all_gather_last, all_reduce, check_divisible, r
 from minipass.memory import check_decode_memory
 
 try:  # the Triton kernel is optional: CPU-only machines, and platforms without Triton, use the torch path
-    from kernels.attention import attention as triton_attention
+    from minipass.kernels.attention import attention as triton_attention
 except ImportError:  # pragma: no cover - exercised on machines without triton
     triton_attention = None
 
@@ -293,7 +293,7 @@ class Transformer(nn.Module):
         B, T, _ = x.shape  # (B, T, dim)
         cos, sin = self.rope_tables(x.device)
         cos, sin = cos[input_pos][:, :, None, :], sin[input_pos][:, :, None, :]  # (B, T, 1, D)
-        write_index = cache_index(cache_seqlens, T, self.kv.shape[3], self.cache_len)  # this rank's heads; every layer
+        write_index = cache_index(cache_seqlens, T, self.layers[0].self_attn.n_kv_heads, self.cache_len)  # all layers
         kv_len = self.cache_len if kv_len is None else kv_len
         full_mask = None
         if not self.use_triton:

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from kernels.acceptance import accept, accept_ref
+from minipass.kernels.acceptance import accept, accept_ref
 from minipass.decoding import (Output, SamplingParams, State, choose, clock, commit, flag_non_finite,
                                record_acceptance, run, start, step_for)
 from minipass.lookahead import lookahead_inputs, num_lookahead

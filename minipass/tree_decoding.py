@@ -40,7 +40,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from kernels.tree_acceptance import accept_tree, accept_tree_ref
+from minipass.kernels.tree_acceptance import accept_tree, accept_tree_ref
 from minipass.decoding import Output, SamplingParams, State, clock, commit, flag_non_finite, run, start, step_for
 from minipass.errors import MinipassError
 from minipass.lookahead import lookahead_inputs, num_lookahead

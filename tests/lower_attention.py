@@ -44,7 +44,7 @@ def grid(kind="full", page_sizes=(16,)):
 
 
 def plan_for(dt, D, T, G, masked, splits, layout, page, B=2, Hkv=2, S=4096):
-    from kernels.attention import attention_plan
+    from minipass.kernels.attention import attention_plan
 
     dtype = DTYPES[dt]
     meta = dict(device="meta", dtype=dtype)
@@ -102,7 +102,7 @@ def lower(kernel, args, kwargs, capability):
 
 def _lower_variant(job):
     name, capability, config = job
-    from kernels import attention as A
+    from minipass.kernels import attention as A
 
     plan, tensors = plan_for(*config)
     if name == "fwd":

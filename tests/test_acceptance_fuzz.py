@@ -16,8 +16,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.acceptance import accept, accept_from_logits, accept_from_logits_ref, accept_ref  # noqa: E402
-from kernels.tree_acceptance import accept_tree, accept_tree_ref  # noqa: E402
+from minipass.kernels.acceptance import accept, accept_from_logits, accept_from_logits_ref, accept_ref  # noqa: E402
+from minipass.kernels.tree_acceptance import accept_tree, accept_tree_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = 16

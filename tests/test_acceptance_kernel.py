@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.acceptance import (  # noqa: E402
+from minipass.kernels.acceptance import (  # noqa: E402
     accept,
     accept_from_logits,
     accept_from_logits_ref,

@@ -3,7 +3,7 @@ configurations the launchers pick, with ptxas reporting no register spills.
 
 The interpreter runs code that the GPU compiler may reject, so this is the check that the kernels compile at all.
 It runs in a subprocess because under TRITON_INTERPRET the kernels are not compilable objects. The full table (all
-configurations and dtypes) is printed by `python -m kernels.lower_acceptance`."""
+configurations and dtypes) is printed by `python -m minipass.kernels.lower_acceptance`."""
 
 import json
 import os
@@ -28,7 +28,7 @@ SELECTED = [
 
 _LOWER = textwrap.dedent("""
     import json, sys
-    from kernels.lower_acceptance import configurations, lower
+    from minipass.kernels.lower_acceptance import configurations, lower
     selected = set(json.loads(sys.argv[1]))
     for label, kernel, constexprs, warps, maxnreg in configurations():
         if label in selected:

@@ -11,9 +11,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels import acceptance, tree_acceptance  # noqa: E402
-from kernels.acceptance import accept, accept_from_logits  # noqa: E402
-from kernels.tree_acceptance import accept_tree  # noqa: E402
+from minipass.kernels import acceptance, tree_acceptance  # noqa: E402
+from minipass.kernels.acceptance import accept, accept_from_logits  # noqa: E402
+from minipass.kernels.tree_acceptance import accept_tree  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, K, V, N = 3, 2, 20, 3

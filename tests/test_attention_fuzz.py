@@ -22,8 +22,8 @@ import math
 
 import pytest
 
-from kernels.attention import attention, attention_ref
-from kernels.conformance import paginate
+from minipass.kernels.attention import attention, attention_ref
+from minipass.kernels.conformance import paginate
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy on inf * 0

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch.nn.functional as F
 
-from kernels.attention import attention, attention_ref
+from minipass.kernels.attention import attention, attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LOW_PRECISION = [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])  # interpreter: no bf16
@@ -352,7 +352,7 @@ def test_operator_registration_passes_opcheck():
 
 
 def test_checks_and_configuration_are_cached_per_signature():
-    from kernels import attention as A
+    from minipass.kernels import attention as A
 
     q, k, v, lengths, mask = _compile_inputs()
     plan = A.attention_plan(q, k, v, lengths, mask)
@@ -369,7 +369,7 @@ def test_checks_and_configuration_are_cached_per_signature():
 
 def _prefill_plans(B, group, masked, paged, dtype=torch.float16, D=128, Hkv=2, S=4096, num_sms=132):
     """Plans (as on a 132-SM GPU) for T = 1..512 new tokens, built from meta tensors."""
-    from kernels.attention import attention_plan
+    from minipass.kernels.attention import attention_plan
 
     meta = dict(device="meta", dtype=dtype)
     lens = torch.empty(B, device="meta", dtype=torch.int32)

@@ -13,9 +13,9 @@ if not torch.cuda.is_available():
 
 import pytest
 
-from kernels.attention import attention, attention_ref, gather_cache
-from kernels.conformance import attention_inputs, paginate, to_form
-from kernels.kv_cache import reshape_and_cache, reshape_and_cache_ref, slot_mapping_for
+from minipass.kernels.attention import attention, attention_ref, gather_cache
+from minipass.kernels.conformance import attention_inputs, paginate, to_form
+from minipass.kernels.kv_cache import reshape_and_cache, reshape_and_cache_ref, slot_mapping_for
 from tests.test_attention_kernel import _assert_each_query_is_plain_attention, _tree_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,8 +9,8 @@ if not torch.cuda.is_available():
 
 import pytest
 
-from kernels import attention as A
-from kernels import bench_kernels
+from minipass.kernels import attention as A
+from minipass.kernels import bench_kernels
 
 
 def test_host_overhead_mode(capsys):

@@ -13,11 +13,11 @@ import pytest
 
 pytestmark = pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # the broken ports
 
-from kernels import conformance as C
-from kernels.acceptance import accept, accept_from_logits, accept_ref
-from kernels.attention import attention
-from kernels.kv_cache import reshape_and_cache, reshape_and_cache_ref
-from kernels.tree_acceptance import accept_tree, accept_tree_ref
+from minipass.kernels import conformance as C
+from minipass.kernels.acceptance import accept, accept_from_logits, accept_ref
+from minipass.kernels.attention import attention
+from minipass.kernels.kv_cache import reshape_and_cache, reshape_and_cache_ref
+from minipass.kernels.tree_acceptance import accept_tree, accept_tree_ref
 
 
 def _assert_all_pass(results):

@@ -6,7 +6,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import minipass.pass_decoding as pd
-from kernels.acceptance import accept_ref
+from minipass.kernels.acceptance import accept_ref
 from minipass.decoding import SamplingParams, ar_decode
 from minipass.errors import MinipassError
 from minipass.lookahead import init_lookahead, load_lookahead, save_lookahead

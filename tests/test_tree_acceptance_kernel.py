@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.tree_acceptance import accept_tree, accept_tree_ref  # noqa: E402
+from minipass.kernels.tree_acceptance import accept_tree, accept_tree_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ONE_MINUS_ULP = 1.0 - 2.0**-24  # the largest float32 below 1

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import minipass.tree_decoding as td
-from kernels.tree_acceptance import accept_tree_ref
+from minipass.kernels.tree_acceptance import accept_tree_ref
 from minipass.decoding import SamplingParams
 from minipass.errors import MinipassError
 from minipass.lookahead import init_lookahead
