@@ -229,7 +229,9 @@ def compile_options(device: torch.device) -> dict:
     """
     if device.type == "cuda":
         return {"mode": "reduce-overhead"}
-    return {"options": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}}
+    return {"options": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                        # quiet: no autotuning tables on stderr
+                        "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}}
 
 
 def compile_step(step: Callable, key: tuple, device: torch.device, options: Optional[dict] = None) -> Callable:

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIELDS = {"dataset", "mode", "lookahead", "temperature", "top_k", "top_p", "batch_size", "prompts", "new_tokens",
           "wall_s", "tokens_per_s", "calls", "tokens_per_call", "acceptance_by_position", "speedup_vs_ar",
           "identical_to_ar", "tokens_per_s_rounds", "speedup_rounds", "spread", "time_per_call_ms", "width",
-          "warmup_s", "model_cost_vs_ar"}
+          "warmup_s", "model_cost_vs_ar", "identical_rows"}
 TOP = {"model", "device", "dtype", "runs", "rounds", "load_average_start", "load_average_end", "bandwidth_gb_per_s",
        "weights_gb", "bound_tokens_per_s", "cost_curve", "sizing", "compiled"}
 
@@ -77,9 +77,9 @@ def test_json_has_every_field_and_greedy_matches_ar(bench, setup, tmp_path, caps
         assert r["prompts"] == 3 and r["new_tokens"] > 0 and r["calls"] > 0 and r["wall_s"] > 0
         assert r["tokens_per_call"] >= 1.0  # per row: a call emits at least one token in every live row
         if r["temperature"] == 0:
-            assert r["identical_to_ar"] is True, r
+            assert r["identical_to_ar"] is True and r["identical_rows"] == 1.0, r
         else:
-            assert r["identical_to_ar"] is None
+            assert r["identical_to_ar"] is None and r["identical_rows"] is None
         if r["mode"] == "ar":
             assert r["lookahead"] == 0 and r["speedup_vs_ar"] == 1.0 and r["tokens_per_call"] == 1.0
     out = capsys.readouterr().out
