@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import json
 import sys
+import sysconfig
 from pathlib import Path
 
 from minipass.errors import MinipassError
@@ -105,3 +106,10 @@ def jsonl_prompts(path: str) -> list:
     if not out:
         raise MinipassError(f"prompt file {p} has no prompts")
     return out
+
+
+def stdlib_files() -> list[Path]:
+    """The running Python's standard library sources (no site-packages, no test suites), sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+    return sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))

@@ -26,7 +26,7 @@ from pathlib import Path
 from minipass.decoding import SamplingParams, ar_decode
 from minipass.errors import MinipassError
 from minipass.cli import add_model_args, run_cli
-from minipass.train_lookahead import stdlib_files
+from minipass.data import stdlib_files
 
 
 def sharegpt_train_prompts(num: int, seed: int, max_chars: int = 2000) -> list[str]:

@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     torchrun, or alone for the single-process figures)."""
     import argparse
 
-    from minipass.generate import add_model_args
+    from minipass.cli import add_model_args
     from minipass.loading import load_checkpoint
 
     parser = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m minipass.distributed",

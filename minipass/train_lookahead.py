@@ -29,7 +29,6 @@ import json
 import math
 import random
 import sys
-import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,13 +50,6 @@ LOSS_CHUNK_ROWS = 1024  # look-ahead outputs per loss chunk: bounds the (rows, v
 
 
 # --- data -----------------------------------------------------------------------------------------------------------
-
-def stdlib_files() -> list[Path]:
-    """The running Python's standard library sources (no site-packages, no test suites), sorted."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
-    return sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
-
 
 def render_chat(tok, messages: list) -> Optional[str]:
     """A conversation as the model sees it while answering: up to its last assistant turn, closed by EOS.
@@ -108,7 +100,7 @@ def source_texts(spec: str, tok, seed: int) -> Iterator[str]:
     """The documents of one --data source in a seeded random order, rendered lazily (chat templates are slow)."""
     rng = random.Random(seed)
     if spec == "sharegpt":
-        from minipass.data import sharegpt_conversations
+        from minipass.data import stdlib_files, sharegpt_conversations
 
         convs = sharegpt_conversations("train")
         rng.shuffle(convs)
