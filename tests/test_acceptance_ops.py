@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 from minipass.kernels import acceptance, tree_acceptance  # noqa: E402
 from minipass.kernels.acceptance import accept, accept_from_logits  # noqa: E402
 from minipass.kernels.tree_acceptance import accept_tree  # noqa: E402
+from tests.util import compiled_graph_ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, K, V, N = 3, 2, 20, 3
@@ -80,20 +81,6 @@ def _step_tree(p, tokens, parents, u_a, u_s):
     return out, path, num_accepted.clamp_min(0)
 
 
-def _compiled_graph_ops(fn, *args):
-    """(compiled outputs, the targets of the call_function nodes in its one graph) under fullgraph=True."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    out = torch.compile(fn, fullgraph=True, backend=backend)(*args)
-    assert len(graphs) == 1
-    return out, [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
-
-
 @pytest.mark.parametrize("name", ["accept", "accept_from_logits", "accept_tree"])
 def test_each_op_is_one_node_of_a_full_graph(name):
     x = _inputs()
@@ -102,7 +89,7 @@ def test_each_op_is_one_node_of_a_full_graph(name):
     else:
         fn = _step_accept if name == "accept" else _step_logits
         args = (x["logits"], x["drafts"], x["n"], x["u_a"], x["u_s"], x["q"])
-    out, targets = _compiled_graph_ops(fn, *args)
+    out, targets = compiled_graph_ops(fn, *args)
     op = getattr(torch.ops.minipass, name)
     assert targets.count(op) + targets.count(op.default) == 1
     assert not [t for t in targets if "triton" in str(t).lower()]
@@ -117,7 +104,7 @@ def test_flattened_form_compiles_too():
     def step(logits, drafts, cu, u_a, u_s):
         return accept(torch.softmax(logits, -1), drafts, cu, u_a, u_s, check_values=False)
 
-    out, targets = _compiled_graph_ops(step, logits_f, drafts_f, cu, u_a_f, x["u_s"])
+    out, targets = compiled_graph_ops(step, logits_f, drafts_f, cu, u_a_f, x["u_s"])
     assert targets.count(torch.ops.minipass.accept) + targets.count(torch.ops.minipass.accept.default) == 1
     assert all(torch.equal(a, b) for a, b in zip(out, step(logits_f, drafts_f, cu, u_a_f, x["u_s"])))
 

@@ -16,6 +16,7 @@ import pytest
 import torch.nn.functional as F
 
 from minipass.kernels.attention import attention, attention_ref
+from tests.util import compiled_graph_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LOW_PRECISION = [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])  # interpreter: no bf16
@@ -324,16 +325,9 @@ def _step(q, k, v, lengths, mask):
 
 def test_compiles_with_fullgraph_as_one_operator():
     args = _compile_inputs()
-    graphs = []
-
-    def recording_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    out = torch.compile(_step, fullgraph=True, backend=recording_backend)(*args)
+    out, targets = compiled_graph_ops(_step, *args)
     assert torch.equal(out, _step(*args))
-    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    targets = [str(t) for t in targets]
     assert [t for t in targets if "minipass" in t] == ["minipass.attention"], targets
     # Through AOTAutograd (fake tensors: the operator's fake implementation) and Inductor, which compiles the rest
     # (with a C++ compiler on CPU).

@@ -111,3 +111,17 @@ def tiny_checkpoint(path, tokenizer=True):
         tk.save(str(path / "tokenizer.json"))
         (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "add_bos_token": False}))
     return path
+
+
+def compiled_graph_ops(fn, *args) -> tuple:
+    """(outputs of fn compiled with fullgraph=True, the targets of the call_function nodes of its one graph)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, fullgraph=True, backend=backend)(*args)
+    assert len(graphs) == 1
+    return out, [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
