@@ -43,6 +43,7 @@ from minipass.loading import load_checkpoint
 
 PAPER_SAMPLING = (0.8, 10, 1.0)  # the paper's setting: temperature 0.8, top-k 10
 UNSTABLE_SPREAD = 0.15  # a configuration whose tokens/s varied more than this over the rounds is flagged
+BUSY_CORES = 0.25  # a timed run during which other processes took more CPU than this (in cores) is flagged
 CURVE_WIDTHS = (1, 2, 4, 8, 16, 24, 32, 48, 64)  # forward widths measured for the cost curve (and the sizing)
 
 
@@ -107,6 +108,47 @@ def load_average() -> Optional[list]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+class CpuMeter:
+    """CPU time that other processes take on the cores this one may use: a shared machine's noise, measured.
+
+    Linux only (/proc/stat); elsewhere `others` returns None. Steal time (a hypervisor's other guests) counts as
+    taken."""
+
+    def __init__(self):
+        try:
+            self.cpus = {f"cpu{c}" for c in os.sched_getaffinity(0)}
+            self.tick = os.sysconf("SC_CLK_TCK")
+            self.sample()
+        except (AttributeError, OSError, ValueError):
+            self.cpus = None
+
+    def sample(self) -> Optional[tuple]:
+        """(busy CPU seconds of the cores, this process's CPU seconds, wall seconds), or None."""
+        if self.cpus is None:
+            return None
+        busy = 0
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *ticks = line.split()
+                if name in self.cpus:  # user nice system idle iowait irq softirq steal ...
+                    t = [int(x) for x in ticks[:8]]
+                    busy += sum(t) - t[3] - t[4]
+        return busy / self.tick, time.process_time(), time.perf_counter()
+
+    @staticmethod
+    def others(a: Optional[tuple], b: Optional[tuple]) -> Optional[float]:
+        """Cores' worth of CPU that other processes used between samples a and b."""
+        if a is None or b is None or b[2] <= a[2]:
+            return None
+        return max(0.0, ((b[0] - a[0]) - (b[1] - a[1])) / (b[2] - a[2]))
+
+    def idle_others(self, seconds: float = 0.3) -> Optional[float]:
+        """Cores' worth of CPU that other processes use while this one sleeps for `seconds`."""
+        a = self.sample()
+        time.sleep(seconds)
+        return self.others(a, self.sample())
 
 
 class Progress:
@@ -217,6 +259,7 @@ class Config:
     sizes: dict = field(default_factory=dict)  # the options that size it, for the JSON
     warmup_s: float = 0.0
     rounds: list = field(default_factory=list)  # (wall_s, DecodeStats, outputs) per round
+    others: list = field(default_factory=list)  # cores' worth of CPU other processes took during each round's run
 
 
 def run_config(cfg: Config, model, prompts, args, stop_ids) -> tuple:
@@ -305,6 +348,7 @@ def summarize(cfg: Config, ar: Config, gb: float, bound: float, cost_of: Callabl
         "speedup_vs_ar": round(statistics.median(speedups), 4), "speedup_rounds": [round(x, 4) for x in speedups],
         "identical_to_ar": same, "identical_rows": rows_same, "width": cfg.width, "sizes": cfg.sizes, "warmup_s": round(cfg.warmup_s, 2),
         "model_cost_vs_ar": None if hf else round(cost_of(cfg.width), 4),
+        "other_load_rounds": [None if x is None else round(x, 2) for x in cfg.others],
     }
 
 
@@ -500,11 +544,14 @@ def bench(args: argparse.Namespace) -> None:
                        cfg.sampling, seeds=list(range(min(args.batch_size, len(prompts)))), stop_ids=tok.eos_ids)
             cfg.warmup_s = time.perf_counter() - t0
             progress.step(f"warm-up {cfg.dataset} {cfg.label or cfg.mode} L={cfg.L} T={cfg.sampling.temperature:g}")
+    meter = CpuMeter()
     for r in range(args.rounds):
         for prompts, group in groups:
             order = group[r % len(group):] + group[: r % len(group)]
             for cfg in order:
+                before = meter.sample()
                 outputs, stats = run_config(cfg, model, prompts, args, tok.eos_ids)
+                cfg.others.append(meter.others(before, meter.sample()))
                 cfg.rounds.append((stats.wall_s, stats, outputs))
                 progress.step(f"round {r + 1} {cfg.dataset} {cfg.label or cfg.mode} L={cfg.L} "
                               f"T={cfg.sampling.temperature:g}")
@@ -544,6 +591,12 @@ def bench(args: argparse.Namespace) -> None:
         print(f"warning: {r['dataset']} {setting_label(r)} {r['mode']} L={r['lookahead']}: tokens/s varied by "
               f"{100 * r['spread']:.0f}% over the rounds {r['tokens_per_s_rounds']}: the machine was not quiet "
               "(the paired speed-ups are the figures to trust)", file=sys.stderr)
+    busy = [(r, x) for r in runs for x in r["other_load_rounds"] if x is not None and x > BUSY_CORES]
+    if busy:
+        worst = max(x for _, x in busy)
+        print(f"warning: other processes took up to {worst:.1f} cores' worth of CPU during {len(busy)} of the "
+              f"{sum(len(r['other_load_rounds']) for r in runs)} timed runs (other_load_rounds in the JSON): the "
+              "machine was shared while it was measured", file=sys.stderr)
     for r in runs:
         r.pop("_ar_ms", None)
     if args.json and rank() == 0:

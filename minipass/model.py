@@ -101,18 +101,17 @@ def cache_index(cache_seqlens: Tensor, T: int, n_kv_heads: int, S: int) -> Tenso
 
 
 def attention_mask(cache_seqlens: Tensor, mask: Optional[Tensor], T: int, kv_len: int) -> Tensor:
-    """The explicit (B, T, kv_len) boolean mask the torch path uses: cached prefix + `mask` among new tokens."""
-    device = cache_seqlens.device
-    rel = torch.arange(kv_len, device=device)[None, :] - cache_seqlens[:, None]  # (B, S): slot relative to L_b
-    prefix = (rel < 0)[:, None, :]  # (B, 1, S)
-    rel = rel[:, None, :]  # (B, 1, S)
+    """The explicit (B, T, kv_len) boolean mask the torch path uses: cached prefix + `mask` among new tokens.
+
+    The new tokens' mask is scattered into slots L_b .. L_b + T - 1 of a buffer: built once per forward and read
+    by every layer. (Written as a gather over the slots instead, torch.compile inlines it and recomputes it inside
+    each layer's softmax, three indirect loads per score.)"""
+    B, device = cache_seqlens.shape[0], cache_seqlens.device
     if mask is None:
-        new = (rel >= 0) & (rel <= torch.arange(T, device=device)[None, :, None])
-    else:
-        mask = mask.expand(cache_seqlens.shape[0], T, T)
-        inside = (rel >= 0) & (rel < T)
-        new = mask.gather(2, rel.clamp(0, T - 1).expand(-1, T, -1)) & inside
-    return prefix | new
+        mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    prefix = torch.arange(kv_len, device=device)[None, :] < cache_seqlens[:, None]  # (B, S): committed slots
+    slots = (cache_seqlens[:, None] + torch.arange(T, device=device))[:, None, :].expand(B, T, T)
+    return prefix[:, None, :].expand(B, T, kv_len).scatter(2, slots, mask.expand(B, T, T))
 
 
 def attention_torch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:

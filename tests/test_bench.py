@@ -2,7 +2,9 @@
 
 import importlib.util
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIELDS = {"dataset", "mode", "lookahead", "temperature", "top_k", "top_p", "batch_size", "prompts", "new_tokens",
           "wall_s", "tokens_per_s", "calls", "tokens_per_call", "acceptance_by_position", "speedup_vs_ar",
           "identical_to_ar", "tokens_per_s_rounds", "speedup_rounds", "spread", "time_per_call_ms", "width",
-          "warmup_s", "model_cost_vs_ar", "identical_rows"}
+          "warmup_s", "model_cost_vs_ar", "identical_rows", "other_load_rounds"}
 TOP = {"model", "device", "dtype", "runs", "rounds", "load_average_start", "load_average_end", "bandwidth_gb_per_s",
        "weights_gb", "bound_tokens_per_s", "cost_curve", "sizing", "compiled"}
 
@@ -55,6 +57,7 @@ def test_json_has_every_field_and_greedy_matches_ar(bench, setup, tmp_path, caps
     for r in runs:
         assert FIELDS <= set(r), FIELDS - set(r)
         assert len(r["tokens_per_s_rounds"]) == 2 and len(r["speedup_rounds"]) == 2
+        assert len(r["other_load_rounds"]) == 2 and all(x is None or x >= 0 for x in r["other_load_rounds"])
         assert min(r["tokens_per_s_rounds"]) <= r["tokens_per_s"] <= max(r["tokens_per_s_rounds"])
         assert r["spread"] == pytest.approx((max(r["tokens_per_s_rounds"]) - min(r["tokens_per_s_rounds"]))
                                             / r["tokens_per_s"], abs=1e-3)
@@ -98,3 +101,25 @@ def test_bad_options(bench, setup, capsys, extra, message):
     assert bench.main(["--ckpt", str(ckpt), "--dataset", str(prompts), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists() or not hasattr(os, "sched_getaffinity"), reason="Linux only")
+def test_cpu_meter_sees_another_process(bench):
+    """The meter that flags a shared machine: a busy child process shows up as about one core, this process's own
+    work does not."""
+    import subprocess
+
+    meter = bench.CpuMeter()
+    a = meter.sample()
+    end = time.perf_counter() + 0.5
+    while time.perf_counter() < end:  # this process's own CPU time is not "other"
+        pass
+    own = meter.others(a, meter.sample())
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 4: pass"])
+    try:
+        time.sleep(0.5)
+        busy = meter.idle_others(1.5)
+    finally:
+        child.kill()
+        child.wait()
+    assert busy > own + 0.5 and busy > 0.6, (own, busy)
