@@ -69,7 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.set_defaults(tree_nodes="auto")
     p.add_argument("--calibration-prompts", type=int, default=6,
                    help="--tree-nodes auto: prompts of the calibration run per data set and setting (default 6)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice, lowered for a round when other processes "
+                        "keep cores busy: see CpuMeter)")
     p.add_argument("--peer", choices=["hf"], default=None,
                    help="also time transformers' generate on the same weights, plain and with prompt lookup")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
@@ -149,6 +151,15 @@ class CpuMeter:
         a = self.sample()
         time.sleep(seconds)
         return self.others(a, self.sample())
+
+
+def round_threads(base: int, cores: int, others: Optional[float]) -> int:
+    """Threads for a round on a CPU: torch's `base`, less the cores other processes keep busy (measured just
+    before the round). A parallel region waits for its slowest thread, so one thread sharing a core with another
+    process stalls every matrix product; on 2 cores such a run was measured 15-20x slower, not 2x."""
+    if others is None:
+        return base
+    return max(1, min(base, cores - int(others + 0.5)))
 
 
 class Progress:
@@ -544,17 +555,38 @@ def bench(args: argparse.Namespace) -> None:
                        cfg.sampling, seeds=list(range(min(args.batch_size, len(prompts)))), stop_ids=tok.eos_ids)
             cfg.warmup_s = time.perf_counter() - t0
             progress.step(f"warm-up {cfg.dataset} {cfg.label or cfg.mode} L={cfg.L} T={cfg.sampling.temperature:g}")
+    # The rounds. On a CPU with no --threads, each round runs on the cores other processes leave free; a round during
+    # which other processes took cores it was using is run again (at most --rounds times in all), so the paired
+    # ratios of a round always compare runs made under the same conditions.
     meter = CpuMeter()
-    for r in range(args.rounds):
+    adapt = args.threads is None and device.type == "cpu" and meter.cpus is not None
+    base_threads, cores = torch.get_num_threads(), len(meter.cpus or ())
+    round_log, repeats, r = [], 0, 0
+    while r < args.rounds:
+        threads = round_threads(base_threads, cores, meter.idle_others()) if adapt else torch.get_num_threads()
+        torch.set_num_threads(threads)
+        disturbed = False
         for prompts, group in groups:
             order = group[r % len(group):] + group[: r % len(group)]
             for cfg in order:
                 before = meter.sample()
                 outputs, stats = run_config(cfg, model, prompts, args, tok.eos_ids)
-                cfg.others.append(meter.others(before, meter.sample()))
+                others = meter.others(before, meter.sample())
+                cfg.others.append(others)
                 cfg.rounds.append((stats.wall_s, stats, outputs))
+                disturbed |= adapt and others is not None and threads + others > cores + BUSY_CORES
                 progress.step(f"round {r + 1} {cfg.dataset} {cfg.label or cfg.mode} L={cfg.L} "
-                              f"T={cfg.sampling.temperature:g}")
+                              f"T={cfg.sampling.temperature:g} {threads}t")
+        round_log.append({"round": r + 1, "threads": threads, "disturbed": disturbed})
+        if disturbed and repeats < args.rounds:
+            repeats += 1
+            progress.total += n_configs
+            for cfg in configs:  # forget the round: it runs again on the cores now free
+                cfg.rounds.pop()
+                cfg.others.pop()
+            continue
+        r += 1
+    torch.set_num_threads(base_threads)
     progress.close()
     load_end = load_average()
 
@@ -591,6 +623,11 @@ def bench(args: argparse.Namespace) -> None:
         print(f"warning: {r['dataset']} {setting_label(r)} {r['mode']} L={r['lookahead']}: tokens/s varied by "
               f"{100 * r['spread']:.0f}% over the rounds {r['tokens_per_s_rounds']}: the machine was not quiet "
               "(the paired speed-ups are the figures to trust)", file=sys.stderr)
+    lowered = [x["round"] for x in round_log if x["threads"] < base_threads]
+    if repeats or lowered:
+        print(f"warning: other processes kept cores busy: {repeats} round(s) were run again after being disturbed, "
+              f"and rounds {lowered} ran on fewer than {base_threads} threads (round_log in the JSON)",
+              file=sys.stderr)
     busy = [(r, x) for r in runs for x in r["other_load_rounds"] if x is not None and x > BUSY_CORES]
     if busy:
         worst = max(x for _, x in busy)
@@ -607,7 +644,8 @@ def bench(args: argparse.Namespace) -> None:
                "cost_curve": {str(T): {"ms": round(1e3 * t, 3), "vs_t1": round(t / curve[1], 4)}
                               for T, t in curve.items()},
                "cost_curve_context": context, "cost_curve_s": round(curve_s, 1),
-               "sizing": sizing_report, "unstable": [r["mode"] for r in unstable], "runs": runs}
+               "sizing": sizing_report, "unstable": [r["mode"] for r in unstable], "round_log": round_log,
+               "runs": runs}
         tmp = Path(args.json).with_name(Path(args.json).name + ".tmp")
         tmp.write_text(json.dumps(doc, indent=1))
         tmp.replace(args.json)

@@ -230,6 +230,9 @@ def compile_options(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"mode": "reduce-overhead"}
     return {"options": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                        # the generated kernels follow torch.set_num_threads instead of fixing the count at compile
+                        # time (bench.py lowers it on a shared machine)
+                        "cpp.dynamic_threads": True,
                         # quiet: no autotuning tables on stderr
                         "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}}
 

@@ -17,7 +17,7 @@ FIELDS = {"dataset", "mode", "lookahead", "temperature", "top_k", "top_p", "batc
           "identical_to_ar", "tokens_per_s_rounds", "speedup_rounds", "spread", "time_per_call_ms", "width",
           "warmup_s", "model_cost_vs_ar", "identical_rows", "other_load_rounds"}
 TOP = {"model", "device", "dtype", "runs", "rounds", "load_average_start", "load_average_end", "bandwidth_gb_per_s",
-       "weights_gb", "bound_tokens_per_s", "cost_curve", "sizing", "compiled"}
+       "weights_gb", "bound_tokens_per_s", "cost_curve", "sizing", "compiled", "round_log"}
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,8 @@ def test_json_has_every_field_and_greedy_matches_ar(bench, setup, tmp_path, caps
     curve = doc["cost_curve"]
     assert curve["1"]["vs_t1"] == 1.0 and all(c["ms"] > 0 for c in curve.values()) and len(curve) >= 5
     assert len(doc["load_average_start"]) == 3
+    log = doc["round_log"]  # every round, the repeated ones included, with the threads it ran on
+    assert len(log) >= 2 and all(x["threads"] >= 1 for x in log) and sum(not x["disturbed"] for x in log) >= 1
     runs = doc["runs"]
     for r in runs:
         assert FIELDS <= set(r), FIELDS - set(r)
@@ -123,3 +125,14 @@ def test_cpu_meter_sees_another_process(bench):
         child.kill()
         child.wait()
     assert busy > own + 0.5 and busy > 0.6, (own, busy)
+
+
+def test_round_threads(bench):
+    """A round uses torch's threads less the cores other processes keep busy, never fewer than one."""
+    assert bench.round_threads(2, 2, 0.0) == 2
+    assert bench.round_threads(2, 2, 0.2) == 2  # background noise is not a busy core
+    assert bench.round_threads(2, 2, 1.0) == 1
+    assert bench.round_threads(2, 2, 2.0) == 1
+    assert bench.round_threads(8, 16, 3.4) == 8
+    assert bench.round_threads(16, 16, 3.6) == 12
+    assert bench.round_threads(4, 4, None) == 4  # no measurement: torch's choice
