@@ -141,8 +141,9 @@ class CpuMeter:
 
     @staticmethod
     def others(a: Optional[tuple], b: Optional[tuple]) -> Optional[float]:
-        """Cores' worth of CPU that other processes used between samples a and b."""
-        if a is None or b is None or b[2] <= a[2]:
+        """Cores' worth of CPU that other processes used between samples a and b; None for less than half a
+        second, over which /proc/stat's clock ticks (10 ms) are too coarse to tell."""
+        if a is None or b is None or b[2] - a[2] < 0.5:
             return None
         return max(0.0, ((b[0] - a[0]) - (b[1] - a[1])) / (b[2] - a[2]))
 

@@ -54,7 +54,7 @@ def test_json_has_every_field_and_greedy_matches_ar(bench, setup, tmp_path, caps
     assert curve["1"]["vs_t1"] == 1.0 and all(c["ms"] > 0 for c in curve.values()) and len(curve) >= 5
     assert len(doc["load_average_start"]) == 3
     log = doc["round_log"]  # every round, the repeated ones included, with the threads it ran on
-    assert len(log) >= 2 and all(x["threads"] >= 1 for x in log) and sum(not x["disturbed"] for x in log) >= 1
+    assert len(log) >= 2 and all(x["threads"] >= 1 for x in log)
     runs = doc["runs"]
     for r in runs:
         assert FIELDS <= set(r), FIELDS - set(r)
@@ -113,7 +113,7 @@ def test_cpu_meter_sees_another_process(bench):
 
     meter = bench.CpuMeter()
     a = meter.sample()
-    end = time.perf_counter() + 0.5
+    end = time.perf_counter() + 0.8
     while time.perf_counter() < end:  # this process's own CPU time is not "other"
         pass
     own = meter.others(a, meter.sample())
