@@ -147,7 +147,7 @@ class CpuMeter:
             return None
         return max(0.0, ((b[0] - a[0]) - (b[1] - a[1])) / (b[2] - a[2]))
 
-    def idle_others(self, seconds: float = 0.3) -> Optional[float]:
+    def idle_others(self, seconds: float = 0.6) -> Optional[float]:
         """Cores' worth of CPU that other processes use while this one sleeps for `seconds`."""
         a = self.sample()
         time.sleep(seconds)
