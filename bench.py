@@ -570,6 +570,8 @@ def bench(args: argparse.Namespace) -> None:
         for prompts, group in groups:
             order = group[r % len(group):] + group[: r % len(group)]
             for cfg in order:
+                if disturbed and repeats < args.rounds:
+                    break  # this round runs again: no need to finish it
                 before = meter.sample()
                 outputs, stats = run_config(cfg, model, prompts, args, tok.eos_ids)
                 others = meter.others(before, meter.sample())
@@ -583,8 +585,7 @@ def bench(args: argparse.Namespace) -> None:
             repeats += 1
             progress.total += n_configs
             for cfg in configs:  # forget the round: it runs again on the cores now free
-                cfg.rounds.pop()
-                cfg.others.pop()
+                del cfg.rounds[r:], cfg.others[r:]
             continue
         r += 1
     torch.set_num_threads(base_threads)
