@@ -12,6 +12,10 @@ its speed-up the median of its per-round ratios to the autoregressive run of the
 every configuration is warmed up (its step compiled, the longest prompt prefilled, every weight read), and that
 time is reported apart. Greedy runs say whether the output was token-identical to autoregressive decoding.
 
+On a shared CPU the bench measures what other processes take (/proc/stat, during every timed run and before every
+round): a round runs on the cores they leave free, a round they disturb stops and runs again on fewer threads, and
+the JSON keeps the per-run figures (`other_load_rounds`) and the rounds' threads (`round_log`).
+
 Printed under the table: the hardware ceiling (memory read bandwidth, measured, and the weights-read bound on
 tokens/s it implies), the measured cost t(T) of one forward of T new tokens relative to t(1), and the sizes chosen
 for the speculation when they are sized automatically (sizing.py).
