@@ -13,8 +13,8 @@ every configuration is warmed up (its step compiled, the longest prompt prefille
 time is reported apart. Greedy runs say whether the output was token-identical to autoregressive decoding.
 
 On a shared CPU the bench measures what other processes take (/proc/stat, during every timed run and before every
-round): a round runs on the cores they leave free, a round they disturb stops and runs again on fewer threads, and
-the JSON keeps the per-run figures (`other_load_rounds`) and the rounds' threads (`round_log`).
+round): a round runs on the cores they leave free, a round they disturb stops and runs again on fewer threads
+(not under torchrun, whose ranks must run the same rounds), and the JSON keeps the per-run figures (`other_load_rounds`) and the rounds' threads (`round_log`).
 
 Printed under the table: the hardware ceiling (memory read bandwidth, measured, and the weights-read bound on
 tokens/s it implies), the measured cost t(T) of one forward of T new tokens relative to t(1), and the sizes chosen
@@ -41,7 +41,7 @@ from minipass.cli import add_decoding_args, add_model_args, decoder_options, run
 from minipass.data import humaneval_prompts, jsonl_prompts, sharegpt_prompts
 from minipass.decoders import LOOKAHEAD_MODES, MODES, lookahead_for, make_decoder
 from minipass.decoding import DecodeStats, SamplingParams, compile_options
-from minipass.distributed import init_from_env, rank
+from minipass.distributed import default_group, init_from_env, rank
 from minipass.errors import MinipassError
 from minipass.loading import load_checkpoint
 
@@ -564,7 +564,8 @@ def bench(args: argparse.Namespace) -> None:
     # which other processes took cores it was using is run again (at most --rounds times in all), so the paired
     # ratios of a round always compare runs made under the same conditions.
     meter = CpuMeter()
-    adapt = args.threads is None and device.type == "cpu" and meter.cpus is not None
+    # Not under torchrun: every rank must run the same rounds, and each one would count the others as load.
+    adapt = args.threads is None and device.type == "cpu" and meter.cpus is not None and default_group() is None
     base_threads, cores = torch.get_num_threads(), len(meter.cpus or ())
     round_log, repeats, r = [], 0, 0
     while r < args.rounds:
@@ -635,7 +636,7 @@ def bench(args: argparse.Namespace) -> None:
               f"and rounds {lowered} ran on fewer than {base_threads} threads (round_log in the JSON)",
               file=sys.stderr)
     busy = [(r, x) for r in runs for x in r["other_load_rounds"] if x is not None and x > BUSY_CORES]
-    if busy:
+    if busy and default_group() is None:  # under torchrun the other ranks are the load
         worst = max(x for _, x in busy)
         print(f"warning: other processes took up to {worst:.1f} cores' worth of CPU during {len(busy)} of the "
               f"{sum(len(r['other_load_rounds']) for r in runs)} timed runs (other_load_rounds in the JSON): the "
