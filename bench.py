@@ -14,7 +14,8 @@ time is reported apart. Greedy runs say whether the output was token-identical t
 
 On a shared CPU the bench measures what other processes take (/proc/stat, during every timed run and before every
 round): a round runs on the cores they leave free, a round they disturb stops and runs again on fewer threads
-(not under torchrun, whose ranks must run the same rounds), and the JSON keeps the per-run figures (`other_load_rounds`) and the rounds' threads (`round_log`).
+(not under torchrun, whose ranks must run the same rounds), and the JSON keeps the per-run figures
+(`other_load_rounds`) and the rounds' threads (`round_log`).
 
 Printed under the table: the hardware ceiling (memory read bandwidth, measured, and the weights-read bound on
 tokens/s it implies), the measured cost t(T) of one forward of T new tokens relative to t(1), and the sizes chosen
@@ -161,7 +162,7 @@ class CpuMeter:
 def round_threads(base: int, cores: int, others: Optional[float]) -> int:
     """Threads for a round on a CPU: torch's `base`, less the cores other processes keep busy (measured just
     before the round). A parallel region waits for its slowest thread, so one thread sharing a core with another
-    process stalls every matrix product; on 2 cores such a run was measured 15-20x slower, not 2x."""
+    process stalls every matrix product; on 2 cores such runs were measured 20-70x slower, not 2x."""
     if others is None:
         return base
     return max(1, min(base, cores - int(others + 0.5)))
@@ -571,11 +572,11 @@ def bench(args: argparse.Namespace) -> None:
     while r < args.rounds:
         threads = round_threads(base_threads, cores, meter.idle_others()) if adapt else torch.get_num_threads()
         torch.set_num_threads(threads)
-        disturbed = False
+        disturbed, rerun = False, False
         for prompts, group in groups:
             order = group[r % len(group):] + group[: r % len(group)]
             for cfg in order:
-                if disturbed and repeats < args.rounds:
+                if rerun:
                     break  # this round runs again: no need to finish it
                 before = meter.sample()
                 outputs, stats = run_config(cfg, model, prompts, args, tok.eos_ids)
@@ -583,10 +584,11 @@ def bench(args: argparse.Namespace) -> None:
                 cfg.others.append(others)
                 cfg.rounds.append((stats.wall_s, stats, outputs))
                 disturbed |= adapt and others is not None and threads + others > cores + BUSY_CORES
+                rerun = disturbed and repeats < args.rounds
                 progress.step(f"round {r + 1} {cfg.dataset} {cfg.label or cfg.mode} L={cfg.L} "
                               f"T={cfg.sampling.temperature:g} {threads}t")
         round_log.append({"round": r + 1, "threads": threads, "disturbed": disturbed})
-        if disturbed and repeats < args.rounds:
+        if rerun:
             repeats += 1
             progress.total += n_configs
             for cfg in configs:  # forget the round: it runs again on the cores now free
@@ -635,10 +637,9 @@ def bench(args: argparse.Namespace) -> None:
         print(f"warning: other processes kept cores busy: {repeats} round(s) were run again after being disturbed, "
               f"and rounds {lowered} ran on fewer than {base_threads} threads (round_log in the JSON)",
               file=sys.stderr)
-    busy = [(r, x) for r in runs for x in r["other_load_rounds"] if x is not None and x > BUSY_CORES]
+    busy = [x for r in runs for x in r["other_load_rounds"] if x is not None and x > BUSY_CORES]
     if busy and default_group() is None:  # under torchrun the other ranks are the load
-        worst = max(x for _, x in busy)
-        print(f"warning: other processes took up to {worst:.1f} cores' worth of CPU during {len(busy)} of the "
+        print(f"warning: other processes took up to {max(busy):.1f} cores' worth of CPU during {len(busy)} of the "
               f"{sum(len(r['other_load_rounds']) for r in runs)} timed runs (other_load_rounds in the JSON): the "
               "machine was shared while it was measured", file=sys.stderr)
     for r in runs:
