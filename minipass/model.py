@@ -77,16 +77,42 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """One layer's view (B, H_kv, S_max, D) of the model's static cache. Slot = token index in the row's sequence."""
+    """One layer's K and V cache, (B, H_kv, S_max, D) each, held as rows of a 2-D `store` of D-wide rows: K at rows
+    [k_row, k_row + n), V at [v_row, v_row + n), n = B * H_kv * S_max, row = (b * H_kv + h) * S_max + slot. Slot =
+    token index in the row's sequence.
 
-    def __init__(self, k: Tensor, v: Tensor):
-        self.k, self.v = k, v
+    The model keeps every layer's K and V in one store, so that one index copy moves tokens in all layers
+    (move_cache_slots). Writes go into the store itself and the (B, H_kv, S_max, D) views are taken afresh at each
+    read: torch.compile turns an in-place write into a *view* of a graph input into a copy of the whole buffer and
+    a copy back (two full cache copies per layer per call), and a view kept across calls aliases its base."""
 
-    def write(self, k: Tensor, v: Tensor, index: Tensor) -> None:
-        # k, v: (B, T, H_kv, D); index: (B * H_kv * T,) rows of the (B * H_kv * S_max, D) view (see cache_index).
+    def __init__(self, store: Tensor, shape: tuple, k_row: int, v_row: int):
+        self.store, self.shape, self.k_row, self.v_row = store, tuple(shape), k_row, v_row
+        self.n = shape[0] * shape[1] * shape[2]
+
+    @classmethod
+    def zeros(cls, B: int, n_kv_heads: int, S: int, D: int, dtype=None, device=None) -> "KVCache":
+        """A cache with a store of its own."""
+        n = B * n_kv_heads * S
+        return cls(torch.zeros(2 * n, D, dtype=dtype, device=device), (B, n_kv_heads, S, D), 0, n)
+
+    @property
+    def k(self) -> Tensor:
+        return self.store[self.k_row: self.k_row + self.n].view(self.shape)
+
+    @property
+    def v(self) -> Tensor:
+        return self.store[self.v_row: self.v_row + self.n].view(self.shape)
+
+    def rows(self, index: Tensor) -> Tensor:
+        """(2, n): the store rows of K and of V for cache rows `index` (n,) (see cache_index)."""
+        return index + torch.tensor([[self.k_row], [self.v_row]], device=index.device)
+
+    def write(self, k: Tensor, v: Tensor, rows: Tensor) -> None:
+        # k, v: (B, T, H_kv, D); rows: (2, B * H_kv * T) store rows of K and V, ordered (b, h, t) (see rows()).
         D = k.shape[-1]
-        self.k.view(-1, D).index_copy_(0, index, k.transpose(1, 2).reshape(-1, D).to(self.k.dtype))
-        self.v.view(-1, D).index_copy_(0, index, v.transpose(1, 2).reshape(-1, D).to(self.v.dtype))
+        self.store.index_copy_(0, rows[0], k.transpose(1, 2).reshape(-1, D).to(self.store.dtype))
+        self.store.index_copy_(0, rows[1], v.transpose(1, 2).reshape(-1, D).to(self.store.dtype))
 
 
 def cache_index(cache_seqlens: Tensor, T: int, n_kv_heads: int, S: int) -> Tensor:
@@ -100,33 +126,39 @@ def cache_index(cache_seqlens: Tensor, T: int, n_kv_heads: int, S: int) -> Tenso
     return (base[:, :, None] + slots[:, None, :]).reshape(-1)  # (B * H_kv * T,), ordered (b, h, t)
 
 
-def attention_mask(cache_seqlens: Tensor, mask: Optional[Tensor], T: int, kv_len: int) -> Tensor:
-    """The explicit (B, T, kv_len) boolean mask the torch path uses: cached prefix + `mask` among new tokens.
+def attention_bias(cache_seqlens: Tensor, mask: Optional[Tensor], T: int, kv_len: int) -> Tensor:
+    """The (B, T, kv_len) additive float32 mask the torch path uses: 0 where a new token attends (the cached prefix
+    and `mask` among the new tokens), -inf elsewhere.
 
-    The new tokens' mask is scattered into slots L_b .. L_b + T - 1 of a buffer: built once per forward and read
-    by every layer. (Written as a gather over the slots instead, torch.compile inlines it and recomputes it inside
-    each layer's softmax, three indirect loads per score.)"""
+    Built once per forward and read by every layer: the new tokens' part is scattered into slots L_b .. L_b + T - 1
+    of a buffer. (Written as a gather over the slots instead, torch.compile inlines it and recomputes it inside each
+    layer's softmax, three indirect loads per score.) Additive and float, because adding 0 leaves a score exactly as
+    it is, and a compiled CPU kernel adds floats at full vector width where it selects on booleans element by
+    element."""
     B, device = cache_seqlens.shape[0], cache_seqlens.device
     if mask is None:
         mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    ninf = torch.tensor(float("-inf"), device=device)
     prefix = torch.arange(kv_len, device=device)[None, :] < cache_seqlens[:, None]  # (B, S): committed slots
     slots = (cache_seqlens[:, None] + torch.arange(T, device=device))[:, None, :].expand(B, T, T)
-    return prefix[:, None, :].expand(B, T, kv_len).scatter(2, slots, mask.expand(B, T, T))
+    return torch.where(prefix, 0.0, ninf)[:, None, :].expand(B, T, kv_len).scatter(
+        2, slots, torch.where(mask, 0.0, ninf).expand(B, T, T))
 
 
-def attention_torch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Softmax attention with an explicit mask, grouped-query aware, for any device.
+def attention_torch(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """Softmax attention with an additive mask, grouped-query aware, for any device.
 
-    q: (B, Hq, T, D); k, v: (B, H_kv, S, D); mask: (B, T, S) bool. The G = Hq / H_kv query heads that share a KV
-    head are stacked into one (G*T, D) matrix, so each KV head is read once and no K/V copy is made. Decoding
-    shapes (a few new tokens) are where this matters; every query row sees at least itself, so no row is empty.
+    q: (B, Hq, T, D); k, v: (B, H_kv, S, D); bias: (B, T, S) float32, 0 or -inf (see attention_bias). The G = Hq /
+    H_kv query heads that share a KV head are stacked into one (G*T, D) matrix, so each KV head is read once and no
+    K/V copy is made. Decoding shapes (a few new tokens) are where this matters; every query row sees at least
+    itself, so no row is empty.
     """
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     qg = q.reshape(B, Hkv, G * T, D)  # head h = kv_head * G + g
     scores = (qg @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))  # (B, H_kv, G*T, S)
-    scores = scores.view(B, Hkv, G, T, S).masked_fill(~mask[:, None, None], float("-inf"))
+    scores = scores.view(B, Hkv, G, T, S) + bias[:, None, None]
     probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, Hkv, G * T, S)
     return (probs @ v).view(B, Hq, T, D)
 
@@ -145,20 +177,20 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * args.head_dim, args.dim, bias=bias)
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, write_index: Tensor, cache_seqlens: Tensor,
-                mask: Optional[Tensor], full_mask: Optional[Tensor], kv_len: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, write_rows: Tensor, cache_seqlens: Tensor,
+                mask: Optional[Tensor], attn_bias: Optional[Tensor], kv_len: int) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        self.kv_cache.write(k, v, write_index)
+        self.kv_cache.write(k, v, write_rows)
 
         q = q.transpose(1, 2)  # (B, Hq, T, D)
-        if full_mask is None:  # Triton path: the kernel reads the cache and the new-token mask directly
+        if attn_bias is None:  # Triton path: the kernel reads the cache and the new-token mask directly
             y = triton_attention(q, self.kv_cache.k, self.kv_cache.v, cache_seqlens, mask, check_values=False)
         else:
-            y = attention_torch(q, self.kv_cache.k[:, :, :kv_len], self.kv_cache.v[:, :, :kv_len], full_mask)
+            y = attention_torch(q, self.kv_cache.k[:, :, :kv_len], self.kv_cache.v[:, :, :kv_len], attn_bias)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return all_reduce(self.o_proj(y), self.group)  # the heads of every rank
 
@@ -229,21 +261,30 @@ class Transformer(nn.Module):
         a = self.args
         n_kv_heads = self.layers[0].self_attn.n_kv_heads  # this rank's, under tensor parallelism
         # Drop the previous cache first: its memory is reusable for the new one.
-        self.kv = None
+        self.kv = self.kv_store = None
         for layer in self.layers:
             layer.self_attn.kv_cache = None
         check_decode_memory(self, batch_size, max_seq_len, call_width, prefill_len, dtype, device)
-        self.kv = torch.zeros(a.n_layers, 2, batch_size, n_kv_heads, max_seq_len, a.head_dim, dtype=dtype,
-                              device=device)
+        shape = (batch_size, n_kv_heads, max_seq_len, a.head_dim)
+        n = batch_size * n_kv_heads * max_seq_len
+        self.kv_store = torch.zeros(a.n_layers * 2 * n, a.head_dim, dtype=dtype, device=device)
+        self.kv = self.kv_store.view(a.n_layers, 2, *shape)  # for looking at; writes go to kv_store (see KVCache)
         for i, layer in enumerate(self.layers):
-            layer.self_attn.kv_cache = KVCache(self.kv[i, 0], self.kv[i, 1])
+            layer.self_attn.kv_cache = KVCache(self.kv_store, shape, 2 * i * n, (2 * i + 1) * n)
+        # Store row of cache row 0 of each layer's K and V, to turn one call's cache rows into every layer's.
+        self.kv_row_offsets = torch.arange(2 * a.n_layers, device=device).view(a.n_layers, 2, 1) * n
         self.cache_batch_size, self.cache_len = batch_size, max_seq_len
 
     def move_cache_slots(self, src: Tensor, dst: Tensor) -> None:
         """For every layer, copy the K/V of cache slots src[b, i] to dst[b, i] (both (B, n)). The gather happens
         before the scatter, so overlapping ranges are fine."""
-        rows = torch.arange(src.shape[0], device=src.device)[:, None]
-        self.kv[:, :, rows, :, dst] = self.kv[:, :, rows, :, src]
+        B, n = src.shape
+        H, S = self.kv.shape[3], self.kv.shape[4]
+        # Store rows (layer, K or V, b, h, slot) of every layer's K and V for the slots of each row.
+        base = self.kv_row_offsets[:, :, :, None, None] + (torch.arange(B, device=src.device)[:, None] * H
+                                                           + torch.arange(H, device=src.device))[:, :, None] * S
+        rows = lambda slots: (base + slots[:, None, :]).reshape(-1)  # noqa: E731
+        self.kv_store.index_copy_(0, rows(dst), self.kv_store.index_select(0, rows(src)))
 
     def set_kernels(self, impl: str) -> None:
         """Attention and acceptance through the 'triton' kernels (CUDA tensors, or CPU tensors under
@@ -292,15 +333,17 @@ class Transformer(nn.Module):
         B, T, _ = x.shape  # (B, T, dim)
         cos, sin = self.rope_tables(x.device)
         cos, sin = cos[input_pos][:, :, None, :], sin[input_pos][:, :, None, :]  # (B, T, 1, D)
-        write_index = cache_index(cache_seqlens, T, self.layers[0].self_attn.n_kv_heads, self.cache_len)  # all layers
+        # Every layer's K/V store rows of the new tokens, in one op: (n_layers, 2, B * H_kv * T).
+        write_rows = cache_index(cache_seqlens, T, self.layers[0].self_attn.n_kv_heads, self.cache_len) \
+            + self.kv_row_offsets
         kv_len = self.cache_len if kv_len is None else kv_len
-        full_mask = None
+        attn_bias = None
         if not self.use_triton:
-            full_mask = attention_mask(cache_seqlens, mask, T, kv_len)  # built once, shared by every layer
+            attn_bias = attention_bias(cache_seqlens, mask, T, kv_len)  # built once, shared by every layer
         for i, layer in enumerate(self.layers):
             if layer_adds is not None and i > 0:
                 x = x + layer_adds[i - 1]
-            x = layer(x, cos, sin, write_index, cache_seqlens, mask, full_mask, kv_len)
+            x = layer(x, cos, sin, write_rows[i], cache_seqlens, mask, attn_bias, kv_len)
         if logits_index is not None:
             x = x.gather(1, logits_index[:, :, None].expand(-1, -1, x.shape[-1]))
         x = self.norm(x)

@@ -201,13 +201,15 @@ def make_layout(n: int, L: int, stride: int, offset: int = 0, device=None) -> La
 def fresh_caches(model: Transformer, B: int, T: int) -> None:
     """Give every layer its own new K/V buffers (B, H_kv, T, D) for one training forward.
 
-    setup_caches() makes all layers' caches views of one tensor, and autograd cannot record the in-place K/V writes
-    of tokens that carry gradients into views sharing a base; new buffers each step also drop the last step's graph.
+    setup_caches() puts all layers' caches in one store, and autograd cannot record the in-place K/V writes of
+    tokens that carry gradients into one base shared by all layers; new buffers each step also drop the last step's
+    graph.
     """
     a, w = model.args, model.embed_tokens.weight
     for layer in model.layers:
-        layer.self_attn.kv_cache = KVCache(*(torch.zeros(B, a.n_kv_heads, T, a.head_dim, dtype=w.dtype,
-                                                         device=w.device) for _ in range(2)))
+        layer.self_attn.kv_cache = KVCache.zeros(B, a.n_kv_heads, T, a.head_dim, dtype=w.dtype, device=w.device)
+    n = B * a.n_kv_heads * T  # each layer's store: K at rows [0, n), V at [n, 2n)
+    model.kv_row_offsets = torch.tensor([0, n], device=w.device).repeat(a.n_layers, 1)[:, :, None]
     model.cache_batch_size, model.cache_len = B, T
 
 

@@ -23,8 +23,8 @@ Trees are built on the device, for all rows at once, inside the step (no host ro
   2. scores: an n-gram node's is `ngram_prior ** depth`, a look-ahead node's the product of its path's look-ahead
      probabilities; or, with calibrated scores (sizing.py), the measured acceptance rates of each source by depth
      and rank.
-  3. the trie: level by level, a node whose (parent, token) repeats an earlier node's is merged into it (its children
-     move to the earlier node, which keeps the larger score);
+  3. the trie: pool nodes whose token paths (root to node) are equal are one trie node, the earliest of them, with
+     the larger score (its children are all of theirs); a node some ancestor of which has no token is left out;
   4. the N best nodes by score (n-gram chains first when uncalibrated), which is a subtree because a child never
      scores above its parent; then the ancestor mask, the positions, and M look-ahead blocks after the M best nodes.
 `build_tree` (host, per row, plain Python) is the readable reference of steps 1-4; tests check the two agree.
@@ -99,14 +99,26 @@ class TreeTemplate:
         self.P, self.la_start, self.n_chain = len(parent), la_start, C * ell
         self.C, self.ell, self.L, self.topk = C, ell, L, cfg.topk
         self.max_depth = max(depth)
+        # up[i, d]: node i's ancestor at depth d (i itself at d = depth_i), -1 deeper: a node's token path is the
+        # tokens at up[i, 1..depth_i], so the trie needs no walk from node to node.
+        up = [[-1] * (self.max_depth + 1) for _ in parent]
+        for i in range(len(parent)):
+            j = i
+            while j >= 0:
+                up[i][depth[j]] = j
+                j = parent[j]
+        # The pairs (i, j), j < i, whose token paths can be equal: at the same depth, not both look-ahead nodes (two
+        # rank paths differ in the rank at some depth, and a top-k has distinct tokens at each depth).
+        pairs = [(i, j) for i in range(len(parent)) for j in range(1, min(i, la_start))
+                 if depth[i] == depth[j]]
         # ranks[i, d]: the rank taken at depth d + 1 on look-ahead path i, or -1 past its end.
         ranks = torch.full((len(self.paths), max(L, 1)), -1, dtype=torch.long)
         for i, path in enumerate(self.paths):
             ranks[i, : len(path)] = torch.tensor(path)
         to = partial(torch.tensor, dtype=torch.long, device=device)
         self.parent, self.depth, self.ranks = to(parent), to(depth), ranks.to(device)
-        # Nodes of each depth, for the level-by-level merge.
-        self.levels = [to([i for i, d in enumerate(depth) if d == t]) for t in range(1, self.max_depth + 1)]
+        self.up = to(up)
+        self.pair_i, self.pair_j = (to([q[k] for q in pairs]) for k in (0, 1))
         # Static score factors: n-gram chain nodes by depth; look-ahead (depth, rank) if calibrated.
         if cfg.calibrated is not None:
             la_acc, ng_acc = cfg.calibrated
@@ -233,6 +245,7 @@ class Tree:
     anchors: Tensor  # (B, M) node index of each look-ahead block's anchor, -1 for none
     mask: Tensor  # (B, T, T) among the call's new tokens
     offsets: Tensor  # (B, T) positions relative to the root
+    ups: Tensor  # (B, N+1, D+1): each node's ancestor at each depth, itself at its own, -1 deeper
 
 
 def build_trees(tpl: TreeTemplate, N: int, M: int, root: Tensor, chains: Tensor, la_tok: Tensor, la_prob: Tensor,
@@ -240,58 +253,50 @@ def build_trees(tpl: TreeTemplate, N: int, M: int, root: Tensor, chains: Tensor,
     """The trees of a call for every row (B,), from the pool of `tpl` (see the module docstring, steps 1-4).
 
     root: (B,); chains: (B, C, ell), -1 = none; la_tok, la_prob: (B, L, topk) look-ahead top-k; la_valid: (B,).
+    Every step is a fixed number of gathers, compares and sorts over the pool: no loop over levels or depths, so a
+    compiled step computes each intermediate once.
     """
     B, dev = root.shape[0], root.device
     P, L = tpl.P, tpl.L
-    parent = tpl.parent.expand(B, -1).clone()
-    # 1. Tokens and validity of every pool node.
-    tok = torch.zeros(B, P, dtype=torch.long, device=dev)
-    tok[:, 0] = root
-    valid = torch.zeros(B, P, dtype=torch.bool, device=dev)
-    valid[:, 0] = True
-    score = tpl.chain_score.expand(B, -1).clone()
-    key = tpl.chain_key.expand(B, -1).clone()
+    # 1. Tokens, validity, scores and sort keys of every pool node, in pool order.
+    tok, valid = [root[:, None]], [torch.ones(B, 1, dtype=torch.bool, device=dev)]
+    score, key = tpl.chain_score.expand(B, -1), tpl.chain_key.expand(B, -1)
     if tpl.n_chain:
         c = chains.reshape(B, -1)  # (B, C * ell), pool order
-        tok[:, 1: 1 + tpl.n_chain] = c.clamp(min=0)
-        valid[:, 1: 1 + tpl.n_chain] = c >= 0
+        tok.append(c.clamp(min=0))
+        valid.append(c >= 0)
     n_la = P - tpl.la_start
     if n_la:
         ranks = tpl.ranks  # (n_la, L)
-        depth_idx = torch.arange(ranks.shape[1], device=dev).expand_as(ranks)
         last_d = (ranks >= 0).sum(1) - 1  # depth - 1 of each path
-        r_last = ranks.gather(1, last_d[:, None])[:, 0]
-        tok[:, tpl.la_start:] = la_tok[:, last_d, r_last]
-        valid[:, tpl.la_start:] = la_valid[:, None]
+        tok.append(la_tok[:, last_d, ranks.gather(1, last_d[:, None])[:, 0]])
+        valid.append(la_valid[:, None].expand(-1, n_la))
         # 2. A look-ahead node's score: the product of its path's probabilities (or its calibrated score).
         if tpl.la_static is not None:
-            score[:, tpl.la_start:] = tpl.la_static
+            la_score = tpl.la_static.expand(B, -1)
         else:
-            probs = la_prob[:, depth_idx, ranks.clamp(min=0)]  # (B, n_la, L)
-            score[:, tpl.la_start:] = torch.where(ranks >= 0, probs, 1.0).prod(-1)
-        key[:, tpl.la_start:] = score[:, tpl.la_start:]
-    # 3. The trie, level by level: merge repeats into the earliest node; children follow the survivor.
-    for level in tpl.levels:
-        par = parent[:, level]
-        # An invalid or merged parent leaves its children out (a merged parent was already redirected).
-        v = valid[:, level] & valid.gather(1, par.clamp(min=0))
-        t = tok[:, level]
-        same = (par[:, :, None] == par[:, None, :]) & (t[:, :, None] == t[:, None, :]) & v[:, None, :]
-        earlier = torch.ones(len(level), len(level), dtype=torch.bool, device=dev).tril(-1)
-        first = torch.where((same & earlier).any(-1), (same & earlier).int().argmax(-1), -1)  # (B, n): earlier twin
-        is_dup = v & (first >= 0)
-        twin = level[first.clamp(min=0)]  # pool index of the twin
-        # The survivor keeps the larger score; the duplicate leaves the pool and its children move to the twin.
-        dest = torch.where(is_dup, twin, level.expand(B, -1))
-        score = score.scatter_reduce(1, dest, torch.where(is_dup, score[:, level], -1.0), "amax")
-        key = key.scatter_reduce(1, dest, torch.where(is_dup, key[:, level], -1.0), "amax")
-        valid[:, level] = v & ~is_dup
-        redirect = torch.arange(P, device=dev).expand(B, -1).clone()
-        redirect[:, level] = torch.where(is_dup, twin, level.expand(B, -1))
-        parent = torch.where(parent >= 0, redirect.gather(1, parent.clamp(min=0)), -1)
+            depth_idx = torch.arange(ranks.shape[1], device=dev).expand_as(ranks)
+            la_score = torch.where(ranks >= 0, la_prob[:, depth_idx, ranks.clamp(min=0)], 1.0).prod(-1)
+        score = torch.cat([score[:, : tpl.la_start], la_score], 1)
+        key = torch.cat([key[:, : tpl.la_start], la_score], 1)
+    tok, valid = torch.cat(tok, 1), torch.cat(valid, 1)  # (B, P)
+    # 3. The trie. A node is in it if it and all its ancestors have a token; two nodes are one trie node iff their
+    # token paths are equal, and then the earliest stands for both (its children are the union of theirs) with the
+    # larger score and key.
+    up, deep = tpl.up.clamp(min=0), tpl.up < 0  # (P, D + 1)
+    live = (valid[:, up] | deep).all(-1)  # (B, P)
+    path = torch.where(deep, -1, tok[:, up])  # (B, P, D + 1): the tokens from the root down, -1 past the node
+    pi, pj = tpl.pair_i, tpl.pair_j
+    same = (path[:, pi] == path[:, pj]).all(-1) & live[:, pi] & live[:, pj]  # (B, pairs)
+    ids = torch.arange(P, device=dev).expand(B, -1)
+    rep = ids.scatter_reduce(1, pi.expand(B, -1), torch.where(same, pj, P), "amin")  # the earliest twin
+    score = torch.where(live, score, -1.0)
+    score = score.scatter_reduce(1, rep, score, "amax")
+    key = torch.where(live, key, -1.0)
+    key = key.scatter_reduce(1, rep, key, "amax")
     # 4. The N best (chains first when uncalibrated); the root always. Stable sort: ties keep parents first.
-    key = torch.where(valid, key, -1.0)
-    key[:, 0] = 4.0
+    key = torch.where(live & (rep == ids), key, -1.0)
+    key = torch.cat([key.new_full((B, 1), 4.0), key[:, 1:]], 1)
     order = torch.sort(key, dim=1, descending=True, stable=True).indices
     take = order[:, : N + 1] if P >= N + 1 else torch.cat(
         [order, order.new_zeros(B, N + 1 - P)], 1)
@@ -302,44 +307,42 @@ def build_trees(tpl: TreeTemplate, N: int, M: int, root: Tensor, chains: Tensor,
     sel = torch.sort(torch.where(taken, take, P + torch.arange(N + 1, device=dev)), dim=1).values
     real = sel < P
     sel_c = sel.clamp(max=P - 1)
+    node = torch.arange(N + 1, device=dev).expand(B, -1)
     inv = torch.full((B, P + 1), -1, dtype=torch.long, device=dev)
-    inv.scatter_(1, torch.where(real, sel_c, P), torch.arange(N + 1, device=dev).expand(B, -1))
-    pp = parent.gather(1, sel_c)
-    parents = torch.where(real & (pp >= 0), inv.gather(1, pp.clamp(min=0)), -1)
-    parents = torch.where(real, parents, -1)
-    tokens = torch.where(real, tok.gather(1, sel_c), 0)
+    inv = inv.scatter(1, torch.where(real, sel_c, P), node)  # pool index -> tree index
+    # Each taken node's ancestors, as tree indices: the classes of its pool ancestors (all taken: a subtree).
+    anc_pool = tpl.up[sel_c]  # (B, N+1, D + 1)
+    ups = inv.gather(1, rep.gather(1, anc_pool.clamp(min=0).flatten(1))).view_as(anc_pool)
+    ups = torch.where((anc_pool >= 0) & real[:, :, None], ups, -1)
+    ups = torch.where(real[:, :, None], ups, torch.where(torch.arange(ups.shape[2], device=dev) == 0, node[:, :, None], -1))
     depths = torch.where(real, tpl.depth[sel_c], 0)
+    parents = torch.where(depths > 0, ups.gather(2, (depths - 1).clamp(min=0)[:, :, None])[:, :, 0], -1)
+    tokens = torch.where(real, tok.gather(1, sel_c), 0)
     scores = torch.where(real, score.gather(1, sel_c), -1.0)
-    scores[:, 0] = 1.0
-    return _layout(tokens, parents, depths, scores, M, L, tpl.max_depth)
+    scores = torch.cat([scores.new_ones(B, 1), scores[:, 1:]], 1)
+    return _layout(tokens, parents, depths, scores, ups, M, L)
 
 
-def _layout(tokens: Tensor, parents: Tensor, depths: Tensor, scores: Tensor, M: int, L: int, max_depth: int) -> Tree:
-    """Ancestor mask, look-ahead blocks after the M best nodes, and positions, for trees given node by node."""
+def _layout(tokens: Tensor, parents: Tensor, depths: Tensor, scores: Tensor, ups: Tensor, M: int, L: int) -> Tree:
+    """Ancestor mask, look-ahead blocks after the M best nodes, and positions, for trees given node by node.
+    ups: (B, N+1, D + 1), each node's ancestor at each depth (itself at its own depth; a padding node: itself at
+    0), -1 elsewhere."""
     B, N1 = tokens.shape
     dev = tokens.device
-    T = N1 + M * L
-    eye = torch.eye(N1, dtype=torch.bool, device=dev).expand(B, -1, -1)
-    anc = eye
-    has_parent = (parents >= 0)[:, :, None]
-    for _ in range(max_depth):  # anc[i] = {i} | anc[parent(i)], to the depth of the tree
-        anc = eye | (anc.gather(1, parents.clamp(min=0)[:, :, None].expand(-1, -1, N1)) & has_parent)
-    mask = torch.zeros(B, T, T, dtype=torch.bool, device=dev)
-    mask[:, :N1, :N1] = anc
-    offsets = torch.zeros(B, T, dtype=torch.long, device=dev)
-    offsets[:, :N1] = depths
+    anc = (ups[:, :, :, None] == torch.arange(N1, device=dev)).any(2)  # (B, N+1, N+1): j is i or an ancestor
     anchors = torch.full((B, M), -1, dtype=torch.long, device=dev)
-    if M:
-        best = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :M]  # root first: score 1
-        anchors = torch.where(scores.gather(1, best) >= 0, best, -1)
-        tril = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
-        for m in range(M):
-            rows = slice(N1 + m * L, N1 + (m + 1) * L)
-            a = anchors[:, m].clamp(min=0)
-            mask[:, rows, :N1] = anc.gather(1, a[:, None, None].expand(-1, 1, N1)).expand(-1, L, -1)
-            mask[:, rows, rows] = tril
-            offsets[:, rows] = depths.gather(1, a[:, None]) + 1 + torch.arange(L, device=dev)
-    return Tree(tokens, parents, depths, scores, anchors, mask, offsets)
+    if not M:
+        return Tree(tokens, parents, depths, scores, anchors, anc, depths, ups)
+    best = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :M]  # root first: score 1
+    anchors = torch.where(scores.gather(1, best) >= 0, best, -1)
+    # Block m's k-th token: its anchor's ancestors and the anchor, then the block's tokens 1..k, at pos(anchor) + k.
+    a = anchors.clamp(min=0).repeat_interleave(L, 1)  # (B, M * L), the anchor of each block row
+    k = torch.arange(L, device=dev).repeat(M)
+    blocks = torch.block_diag(*[torch.ones(L, L, dtype=torch.bool, device=dev).tril()] * M)  # (M * L, M * L)
+    mask = torch.cat([torch.cat([anc, anc.new_zeros(B, N1, M * L)], 2),
+                      torch.cat([anc.gather(1, a[:, :, None].expand(-1, -1, N1)), blocks.expand(B, -1, -1)], 2)], 1)
+    offsets = torch.cat([depths, depths.gather(1, a) + 1 + k], 1)
+    return Tree(tokens, parents, depths, scores, anchors, mask, offsets, ups)
 
 
 def build_tree(tpl: TreeTemplate, N: int, root: int, chains: list, la_tok: Optional[list],
@@ -390,30 +393,24 @@ def build_tree(tpl: TreeTemplate, N: int, root: int, chains: list, la_tok: Optio
 # --- verification --------------------------------------------------------------------------------------------------
 
 def verify_tree(model: Transformer, sampling: SamplingParams, logits: Tensor, tree: Tree, u_accept: Tensor,
-                u_sample: Tensor, max_depth: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                u_sample: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(emitted tokens (B, N+1), accepted path (B, N), its length (B,), logits finite (B,)) for targets (B, N+1, V).
 
-    Greedy walks the tree along the argmax: a child is accepted iff its token is its parent's argmax."""
+    Greedy: a node is accepted iff it and each of its ancestors below the root is its parent's argmax. Siblings
+    differ (a trie), so the accepted nodes form one path from the root; the deepest ends it."""
     B, N1 = tree.tokens.shape
-    dev = tree.tokens.device
     if sampling.greedy:
         top, target = logits.max(-1)  # (B, N+1)
         ok = torch.isfinite(top).all(-1)
-        cur = torch.zeros(B, dtype=torch.long, device=dev)
-        n_acc = torch.zeros(B, dtype=torch.long, device=dev)
-        path = torch.full((B, max(N1 - 1, 1)), -1, dtype=torch.long, device=dev)
-        going = torch.ones(B, dtype=torch.bool, device=dev)
-        for d in range(min(max_depth, N1 - 1)):
-            want = target.gather(1, cur[:, None])  # (B, 1)
-            hit = (tree.parents == cur[:, None]) & (tree.tokens == want)
-            going = going & hit.any(1)
-            child = hit.int().argmax(1)
-            path[:, d] = torch.where(going, child, -1)
-            cur = torch.where(going, child, cur)
-            n_acc = n_acc + going.long()
-        path = path[:, : N1 - 1]
+        hit = (tree.parents >= 0) & (tree.tokens == target.gather(1, tree.parents.clamp(min=0)))
+        below = tree.ups[:, :, 1:]  # (B, N+1, D): ancestors below the root, -1 past the node
+        accepted = ((below < 0) | hit.gather(1, below.clamp(min=0).flatten(1)).view_as(below)).all(-1)
+        end = torch.where(accepted & (tree.scores >= 0), tree.depths, -1).argmax(1)  # (B,), the root if none
+        n_acc = tree.depths.gather(1, end[:, None])[:, 0]
+        path = below.gather(1, end[:, None, None].expand(-1, 1, below.shape[2]))[:, 0]  # (B, D)
+        path = torch.cat([path, path.new_full((B, N1), -1)], 1)[:, : N1 - 1]  # (B, N)
         out = torch.cat([tree.tokens.gather(1, path.clamp(min=0)), target.new_zeros(B, 1)], 1)
-        out = out.scatter(1, n_acc[:, None], target.gather(1, cur[:, None]))
+        out = out.scatter(1, n_acc[:, None], target.gather(1, end[:, None]))
         return out, path, n_acc, ok
     ok = torch.isfinite(logits.amax(-1)).all(-1)
     fn = partial(accept_tree, check_values=False) if model.use_triton else accept_tree_ref
@@ -455,7 +452,7 @@ def tree_step(model: Transformer, st: State, sampling: SamplingParams, cfg: Tree
     call_key = (seq + 1) * (N + 1)  # uniforms keyed by the call (seqlens + 1 is new every call) and the node
     out, path, n_acc, ok = verify_tree(model, sampling, logits[:, : N + 1], tree,
                                        uniforms(seeds, call_key[:, None] + node_ids, ACCEPT),
-                                       uniforms(seeds, seq + 1, RESIDUAL), tpl.max_depth)
+                                       uniforms(seeds, seq + 1, RESIDUAL))
     st = flag_non_finite(st, ok, seq + 1)
     st = count_depths(st, tree, path, n_acc)
 

@@ -198,8 +198,10 @@ def test_writer_on_the_models_contiguous_cache():
     k_new = torch.randn(B, T, H, D, generator=g).to(DEVICE)
     v_new = torch.randn(B, T, H, D, generator=g).to(DEVICE)
     lens = torch.tensor([3, 17], device=DEVICE)
-    model_k, model_v = k_cache.clone(), v_cache.clone()
-    KVCache(model_k, model_v).write(k_new, v_new, cache_index(lens, T, H, S))
+    cache = KVCache.zeros(B, H, S, D, device=DEVICE)
+    cache.k.copy_(k_cache), cache.v.copy_(v_cache)
+    cache.write(k_new, v_new, cache.rows(cache_index(lens, T, H, S)))
+    model_k, model_v = cache.k, cache.v
     table = torch.arange(B, device=DEVICE)[:, None]
     slots = slot_mapping_for(table, lens, T, S)
     reshape_and_cache(k_new.flatten(0, 1), v_new.flatten(0, 1), k_cache, v_cache, slots, layout="HND")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from minipass.config import ModelArgs
-from minipass.model import attention_mask
+from minipass.model import attention_bias
 from tests.util import tiny_model
 
 CONFIGS = ["tiny", "tiny-untied-mha", "tiny-llama3"]
@@ -80,16 +80,18 @@ def test_mask_among_new_tokens_is_metamorphic():
         torch.testing.assert_close(logits[i], ref, atol=1e-5, rtol=1e-5)
 
 
-def test_attention_mask_layout():
+def test_attention_bias_layout():
     # Row 0 has 2 cached tokens, row 1 none; 3 new tokens with a custom mask for row 0 and causal for row 1.
     seqlens = torch.tensor([2, 0])
     m = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 1]], dtype=torch.bool)
     causal = torch.tril(torch.ones(3, 3, dtype=torch.bool))
-    full = attention_mask(seqlens, torch.stack([m, causal]), 3, 6)
+    bias = attention_bias(seqlens, torch.stack([m, causal]), 3, 6)
+    assert bias.dtype == torch.float32 and set(bias.unique().tolist()) == {0.0, float("-inf")}
+    full = bias == 0
     expect0 = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 0, 1, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
     expect1 = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
     assert torch.equal(full[0], expect0) and torch.equal(full[1], expect1)
-    assert torch.equal(attention_mask(seqlens, None, 3, 6)[1], expect1)
+    assert torch.equal(attention_bias(seqlens, None, 3, 6)[1] == 0, expect1)
 
 
 def test_llama3_rope_scaling_changes_only_low_frequencies():
