@@ -252,7 +252,8 @@ def build_trees(tpl: TreeTemplate, N: int, M: int, root: Tensor, chains: Tensor,
                 la_valid: Tensor) -> Tree:
     """The trees of a call for every row (B,), from the pool of `tpl` (see the module docstring, steps 1-4).
 
-    root: (B,); chains: (B, C, ell), -1 = none; la_tok, la_prob: (B, L, topk) look-ahead top-k; la_valid: (B,).
+    root: (B,); chains: (B, C, ell), -1 = none; la_tok, la_prob: (B, L, topk) look-ahead top-k (distinct tokens at
+    each depth, as a top-k gives); la_valid: (B,).
     Every step is a fixed number of gathers, compares and sorts over the pool: no loop over levels or depths, so a
     compiled step computes each intermediate once.
     """
