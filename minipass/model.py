@@ -239,6 +239,7 @@ class Transformer(nn.Module):
         self.kernels = "torch"  # "torch" or "triton"; see set_kernels()
         self.cache_batch_size = 0
         self.cache_len = 0
+        self.kv_store: Optional[Tensor] = None  # every layer's K and V (setup_caches)
 
     def rope_tables(self, device) -> tuple[Tensor, Tensor]:
         """cos/sin tables (max_seq_len, head_dim), fp32. Kept out of the state dict: they are derived from config."""
@@ -261,25 +262,30 @@ class Transformer(nn.Module):
         a = self.args
         n_kv_heads = self.layers[0].self_attn.n_kv_heads  # this rank's, under tensor parallelism
         # Drop the previous cache first: its memory is reusable for the new one.
-        self.kv = self.kv_store = None
+        self.kv_store = None
         for layer in self.layers:
             layer.self_attn.kv_cache = None
         check_decode_memory(self, batch_size, max_seq_len, call_width, prefill_len, dtype, device)
         shape = (batch_size, n_kv_heads, max_seq_len, a.head_dim)
         n = batch_size * n_kv_heads * max_seq_len
         self.kv_store = torch.zeros(a.n_layers * 2 * n, a.head_dim, dtype=dtype, device=device)
-        self.kv = self.kv_store.view(a.n_layers, 2, *shape)  # for looking at; writes go to kv_store (see KVCache)
+        self.kv_shape = (a.n_layers, 2) + shape
         for i, layer in enumerate(self.layers):
             layer.self_attn.kv_cache = KVCache(self.kv_store, shape, 2 * i * n, (2 * i + 1) * n)
         # Store row of cache row 0 of each layer's K and V, to turn one call's cache rows into every layer's.
         self.kv_row_offsets = torch.arange(2 * a.n_layers, device=device).view(a.n_layers, 2, 1) * n
         self.cache_batch_size, self.cache_len = batch_size, max_seq_len
 
+    @property
+    def kv(self) -> Optional[Tensor]:
+        """The cache as (n_layers, 2, B, H_kv, S_max, D), for looking at: a view made at each access (see KVCache)."""
+        return None if self.kv_store is None else self.kv_store.view(self.kv_shape)
+
     def move_cache_slots(self, src: Tensor, dst: Tensor) -> None:
         """For every layer, copy the K/V of cache slots src[b, i] to dst[b, i] (both (B, n)). The gather happens
         before the scatter, so overlapping ranges are fine."""
         B, n = src.shape
-        H, S = self.kv.shape[3], self.kv.shape[4]
+        H, S = self.kv_shape[3], self.kv_shape[4]
         # Store rows (layer, K or V, b, h, slot) of every layer's K and V for the slots of each row.
         base = self.kv_row_offsets[:, :, :, None, None] + (torch.arange(B, device=src.device)[:, None] * H
                                                            + torch.arange(H, device=src.device))[:, :, None] * S

@@ -118,6 +118,9 @@ class TreeTemplate:
         to = partial(torch.tensor, dtype=torch.long, device=device)
         self.parent, self.depth, self.ranks = to(parent), to(depth), ranks.to(device)
         self.up = to(up)
+        # Among the look-ahead blocks' tokens: block m's k-th token sees the block's tokens 1..k.
+        M = cfg.blocks if L else 0
+        self.blocks = torch.block_diag(*[torch.ones(L, L, dtype=torch.bool).tril()] * M).to(device) if M else None
         self.pair_i, self.pair_j = (to([q[k] for q in pairs]) for k in (0, 1))
         # Static score factors: n-gram chain nodes by depth; look-ahead (depth, rank) if calibrated.
         if cfg.calibrated is not None:
@@ -314,22 +317,24 @@ def build_trees(tpl: TreeTemplate, N: int, M: int, root: Tensor, chains: Tensor,
     # Each taken node's ancestors, as tree indices: the classes of its pool ancestors (all taken: a subtree).
     anc_pool = tpl.up[sel_c]  # (B, N+1, D + 1)
     ups = inv.gather(1, rep.gather(1, anc_pool.clamp(min=0).flatten(1))).view_as(anc_pool)
-    ups = torch.where((anc_pool >= 0) & real[:, :, None], ups, -1)
-    ups = torch.where(real[:, :, None], ups, torch.where(torch.arange(ups.shape[2], device=dev) == 0, node[:, :, None], -1))
+    padding = torch.where(torch.arange(ups.shape[2], device=dev) == 0, node[:, :, None], -1)  # itself at depth 0
+    ups = torch.where(real[:, :, None], torch.where(anc_pool >= 0, ups, -1), padding)
     depths = torch.where(real, tpl.depth[sel_c], 0)
     parents = torch.where(depths > 0, ups.gather(2, (depths - 1).clamp(min=0)[:, :, None])[:, :, 0], -1)
     tokens = torch.where(real, tok.gather(1, sel_c), 0)
     scores = torch.where(real, score.gather(1, sel_c), -1.0)
     scores = torch.cat([scores.new_ones(B, 1), scores[:, 1:]], 1)
-    return _layout(tokens, parents, depths, scores, ups, M, L)
+    return _layout(tokens, parents, depths, scores, ups, tpl.blocks if M else None, L)
 
 
-def _layout(tokens: Tensor, parents: Tensor, depths: Tensor, scores: Tensor, ups: Tensor, M: int, L: int) -> Tree:
+def _layout(tokens: Tensor, parents: Tensor, depths: Tensor, scores: Tensor, ups: Tensor, blocks: Optional[Tensor],
+            L: int) -> Tree:
     """Ancestor mask, look-ahead blocks after the M best nodes, and positions, for trees given node by node.
     ups: (B, N+1, D + 1), each node's ancestor at each depth (itself at its own depth; a padding node: itself at
-    0), -1 elsewhere."""
+    0), -1 elsewhere. blocks: the (M * L, M * L) mask among the blocks' tokens (TreeTemplate.blocks), None for M = 0."""
     B, N1 = tokens.shape
     dev = tokens.device
+    M = 0 if blocks is None else blocks.shape[0] // L
     anc = (ups[:, :, :, None] == torch.arange(N1, device=dev)).any(2)  # (B, N+1, N+1): j is i or an ancestor
     anchors = torch.full((B, M), -1, dtype=torch.long, device=dev)
     if not M:
@@ -339,7 +344,6 @@ def _layout(tokens: Tensor, parents: Tensor, depths: Tensor, scores: Tensor, ups
     # Block m's k-th token: its anchor's ancestors and the anchor, then the block's tokens 1..k, at pos(anchor) + k.
     a = anchors.clamp(min=0).repeat_interleave(L, 1)  # (B, M * L), the anchor of each block row
     k = torch.arange(L, device=dev).repeat(M)
-    blocks = torch.block_diag(*[torch.ones(L, L, dtype=torch.bool, device=dev).tril()] * M)  # (M * L, M * L)
     mask = torch.cat([torch.cat([anc, anc.new_zeros(B, N1, M * L)], 2),
                       torch.cat([anc.gather(1, a[:, :, None].expand(-1, -1, N1)), blocks.expand(B, -1, -1)], 2)], 1)
     offsets = torch.cat([depths, depths.gather(1, a) + 1 + k], 1)
