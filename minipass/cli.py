@@ -13,11 +13,14 @@ from typing import Callable
 
 from minipass.decoders import DecoderOptions
 from minipass.errors import MinipassError
+from minipass.memory import keep_freed_heap
 from minipass.tree_decoding import NGRAM, TreeConfig
 
 
 def run_cli(work: Callable[[], None], interrupted: str = "") -> int:
-    """Run a command's work: 0 on success, 2 with one line on stderr for a user error, 130 on Ctrl-C."""
+    """Run a command's work: 0 on success, 2 with one line on stderr for a user error, 130 on Ctrl-C. Freed host
+    memory is kept for reuse (`memory.keep_freed_heap`): a decoding process allocates the same buffers every step."""
+    keep_freed_heap()
     try:
         work()
     except MinipassError as e:

@@ -99,18 +99,14 @@ class TreeTemplate:
         self.P, self.la_start, self.n_chain = len(parent), la_start, C * ell
         self.C, self.ell, self.L, self.topk = C, ell, L, cfg.topk
         self.max_depth = max(depth)
-        # up[i, d]: node i's ancestor at depth d (i itself at d = depth_i), -1 deeper: a node's token path is the
-        # tokens at up[i, 1..depth_i], so the trie needs no walk from node to node.
+        # up[i, d]: node i's ancestor at depth d (i itself at d = depth_i), -1 deeper: a taken node's ancestors
+        # are one gather, with no walk from node to node.
         up = [[-1] * (self.max_depth + 1) for _ in parent]
         for i in range(len(parent)):
             j = i
             while j >= 0:
                 up[i][depth[j]] = j
                 j = parent[j]
-        # The pairs (i, j), j < i, whose token paths can be equal: at the same depth, not both look-ahead nodes (two
-        # rank paths differ in the rank at some depth, and a top-k has distinct tokens at each depth).
-        pairs = [(i, j) for i in range(len(parent)) for j in range(1, min(i, la_start))
-                 if depth[i] == depth[j]]
         # ranks[i, d]: the rank taken at depth d + 1 on look-ahead path i, or -1 past its end.
         ranks = torch.full((len(self.paths), max(L, 1)), -1, dtype=torch.long)
         for i, path in enumerate(self.paths):
@@ -121,7 +117,16 @@ class TreeTemplate:
         # Among the look-ahead blocks' tokens: block m's k-th token sees the block's tokens 1..k.
         M = cfg.blocks if L else 0
         self.blocks = torch.block_diag(*[torch.ones(L, L, dtype=torch.bool).tril()] * M).to(device) if M else None
-        self.pair_i, self.pair_j = (to([q[k] for q in pairs]) for k in (0, 1))
+        # Which pool nodes can be one trie node: two n-gram chain nodes at the same depth, or a look-ahead node and
+        # a chain node at its depth (two look-ahead nodes never: their rank paths differ at some depth, and a top-k
+        # has distinct tokens at each depth). la_match[i, k]: the entry (depth k, rank) of look-ahead path i in the
+        # flattened (min(L, ell) * topk + 1) table of "look-ahead token == chain token", the last entry (True) past
+        # the path's end; la_twin[c, i]: the pool index of chain c's node at path i's depth, P if it has none.
+        Lm, K = min(L, ell), max(cfg.topk, 1)
+        match = [[d * K + p[d] if d < min(len(p), Lm) else Lm * K for d in range(max(L, 1))] for p in self.paths]
+        self.la_match = to(match).view(len(self.paths), max(L, 1))
+        self.la_twin = to([[1 + c * ell + len(p) - 1 if len(p) <= ell else len(parent) for p in self.paths]
+                           for c in range(C)]).view(C, len(self.paths))
         # Static score factors: n-gram chain nodes by depth; look-ahead (depth, rank) if calibrated.
         if cfg.calibrated is not None:
             la_acc, ng_acc = cfg.calibrated
@@ -263,18 +268,16 @@ def build_trees(tpl: TreeTemplate, N: int, M: int, root: Tensor, chains: Tensor,
     B, dev = root.shape[0], root.device
     P, L = tpl.P, tpl.L
     # 1. Tokens, validity, scores and sort keys of every pool node, in pool order.
-    tok, valid = [root[:, None]], [torch.ones(B, 1, dtype=torch.bool, device=dev)]
+    tok = [root[:, None]]
     score, key = tpl.chain_score.expand(B, -1), tpl.chain_key.expand(B, -1)
     if tpl.n_chain:
         c = chains.reshape(B, -1)  # (B, C * ell), pool order
         tok.append(c.clamp(min=0))
-        valid.append(c >= 0)
     n_la = P - tpl.la_start
     if n_la:
         ranks = tpl.ranks  # (n_la, L)
         last_d = (ranks >= 0).sum(1) - 1  # depth - 1 of each path
         tok.append(la_tok[:, last_d, ranks.gather(1, last_d[:, None])[:, 0]])
-        valid.append(la_valid[:, None].expand(-1, n_la))
         # 2. A look-ahead node's score: the product of its path's probabilities (or its calibrated score).
         if tpl.la_static is not None:
             la_score = tpl.la_static.expand(B, -1)
@@ -283,17 +286,35 @@ def build_trees(tpl: TreeTemplate, N: int, M: int, root: Tensor, chains: Tensor,
             la_score = torch.where(ranks >= 0, la_prob[:, depth_idx, ranks.clamp(min=0)], 1.0).prod(-1)
         score = torch.cat([score[:, : tpl.la_start], la_score], 1)
         key = torch.cat([key[:, : tpl.la_start], la_score], 1)
-    tok, valid = torch.cat(tok, 1), torch.cat(valid, 1)  # (B, P)
+    tok = torch.cat(tok, 1)  # (B, P)
     # 3. The trie. A node is in it if it and all its ancestors have a token; two nodes are one trie node iff their
     # token paths are equal, and then the earliest stands for both (its children are the union of theirs) with the
-    # larger score and key.
-    up, deep = tpl.up.clamp(min=0), tpl.up < 0  # (P, D + 1)
-    live = (valid[:, up] | deep).all(-1)  # (B, P)
-    path = torch.where(deep, -1, tok[:, up])  # (B, P, D + 1): the tokens from the root down, -1 past the node
-    pi, pj = tpl.pair_i, tpl.pair_j
-    same = (path[:, pi] == path[:, pj]).all(-1) & live[:, pi] & live[:, pj]  # (B, pairs)
+    # larger score and key. Only n-gram chain nodes come before others, so a class's earliest node is the root, the
+    # node of the earliest chain that shares the path, or the node itself.
     ids = torch.arange(P, device=dev).expand(B, -1)
-    rep = ids.scatter_reduce(1, pi.expand(B, -1), torch.where(same, pj, P), "amin")  # the earliest twin
+    rep, live = [ids[:, :1]], [torch.ones(B, 1, dtype=torch.bool, device=dev)]
+    C, ell = tpl.C, tpl.ell
+    if C:
+        ch_live = (chains >= 0).long().cumprod(2) > 0  # (B, C, ell)
+        # [b, c2, c, j]: chains c2 and c agree down to depth j + 1, and c2 has a token there
+        prefix = (chains[:, :, None] == chains[:, None]).long().cumprod(3) > 0
+        earlier = torch.arange(C, device=dev)[:, None] < torch.arange(C, device=dev)  # [c2, c]: c2 < c
+        own = ids[:, 1: 1 + C * ell].view(B, 1, C, ell)
+        twin = torch.where(prefix & earlier[:, :, None] & ch_live[:, :, None], own.transpose(1, 2), P)
+        rep.append(torch.minimum(twin.amin(1), own[:, 0]).flatten(1))
+        live.append(ch_live.flatten(1))
+    if n_la:
+        rep_la = ids[:, tpl.la_start:]
+        if C:
+            Lm = min(L, ell)
+            same = la_tok[:, None, :Lm] == chains[:, :, :Lm, None]  # (B, C, Lm, topk)
+            same = torch.cat([same.flatten(2), same.new_ones(B, C, 1)], 2)
+            # A chain token equal to a look-ahead one is a token (>= 0), so the chain node is in the trie.
+            twin = torch.where(same[:, :, tpl.la_match].all(-1) & la_valid[:, None, None], tpl.la_twin, P)
+            rep_la = torch.minimum(twin.amin(1), rep_la)
+        rep.append(rep_la)
+        live.append(la_valid[:, None].expand(-1, n_la))
+    rep, live = torch.cat(rep, 1), torch.cat(live, 1)  # (B, P)
     score = torch.where(live, score, -1.0)
     score = score.scatter_reduce(1, rep, score, "amax")
     key = torch.where(live, key, -1.0)
@@ -335,7 +356,8 @@ def _layout(tokens: Tensor, parents: Tensor, depths: Tensor, scores: Tensor, ups
     B, N1 = tokens.shape
     dev = tokens.device
     M = 0 if blocks is None else blocks.shape[0] // L
-    anc = (ups[:, :, :, None] == torch.arange(N1, device=dev)).any(2)  # (B, N+1, N+1): j is i or an ancestor
+    # (B, N+1, N+1): j is i or an ancestor of i, i.e. i's ancestor at j's depth is j
+    anc = ups.gather(2, depths[:, None, :].expand(-1, N1, -1)) == torch.arange(N1, device=dev)
     anchors = torch.full((B, M), -1, dtype=torch.long, device=dev)
     if not M:
         return Tree(tokens, parents, depths, scores, anchors, anc, depths, ups)

@@ -117,3 +117,14 @@ def test_real_entry_point_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: not enough memory to decode 2 row(s)")
     assert proc.stderr.count("\n") == 1 and proc.stdout == ""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="mallopt is glibc's")
+def test_freed_heap_is_kept_on_glibc():
+    """Both mallopt calls are accepted (glibc refuses an out-of-range value with 0, e.g. an mmap threshold over
+    32 MB), and applying them again is harmless."""
+    assert memory.keep_freed_heap()
+    assert memory.keep_freed_heap()
+    x = torch.ones(8 << 20, dtype=torch.uint8)  # allocations still work, from the heap
+    assert int(x.sum()) == 8 << 20
