@@ -172,14 +172,13 @@ def keep_freed_heap() -> bool:
     ~2.5 ms or ~6 ms outside the forward, and with these settings every round at the faster figure. Buffers above
     32 MB are still mapped and unmapped per call. The settings are process-wide; the command-line tools apply them."""
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+        libc = ctypes.CDLL(None)  # the symbols already loaded into this process, the C library's among them
+    except (OSError, TypeError):  # no such handle (Windows)
         return False
     if not hasattr(libc, "gnu_get_libc_version"):
         return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)) and bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX))
