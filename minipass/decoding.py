@@ -142,10 +142,12 @@ def start(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: 
         "pending": tokens.gather(1, (lens - 1)[:, None])[:, 0],
         "prompt_lens": lens,
         "out": torch.zeros(B, capacity, dtype=torch.long, device=device),  # the same shape whatever max_new_tokens
-        "n_out": zeros,
+        # Distinct tensors: a compiled step guards on which state entries alias each other, and the state it returns
+        # never aliases them, so aliased entries here would compile the step a second time at its second call.
+        "n_out": torch.zeros_like(zeros),
         "finished": torch.zeros(B, dtype=torch.bool, device=device),
         "calls": torch.zeros((), dtype=torch.long, device=device),
-        "row_calls": zeros,
+        "row_calls": torch.zeros_like(zeros),
         "attempted": torch.zeros(draft_positions, dtype=torch.long, device=device),
         "accepted": torch.zeros(draft_positions, dtype=torch.long, device=device),
         "bad": torch.full((B,), -1, dtype=torch.long, device=device),  # position of the first non-finite logits

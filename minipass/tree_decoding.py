@@ -38,6 +38,7 @@ from functools import partial
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from minipass.kernels.tree_acceptance import accept_tree, accept_tree_ref
@@ -182,10 +183,15 @@ def ngram_chains(ctx: Tensor, length: Tensor, n_min: int, n_max: int, ell: int, 
     ctx: (B, S) tokens by position; length: (B,) tokens in use (the last is the root). A match of the suffix of n
     tokens ending just before position e (n <= e < length) proposes ctx[e : e + ell] (cut at length). Matches of the
     longest suffix come first, the most recent first; a continuation equal to an earlier chosen one is skipped.
+    Every comparison is of whole shifted slices of the context (no per-element gathers over it), so a compiled step
+    reads it at full vector width.
     """
     B, S = ctx.shape
     dev = ctx.device
     e = torch.arange(S, device=dev)
+    # The context with -1 from each row's length on, and ell more -1 columns: continuation token j of a match ending
+    # at e is padded[:, e + j].
+    padded = torch.cat([torch.where(e < length[:, None], ctx, -1), ctx.new_full((B, ell), -1)], 1)
     keys = torch.full((B, S), -1, dtype=torch.long, device=dev)
     run_ = torch.ones(B, S, dtype=torch.bool, device=dev)
     for n in range(1, n_max + 1):
@@ -196,17 +202,17 @@ def ngram_chains(ctx: Tensor, length: Tensor, n_min: int, n_max: int, ell: int, 
         if n >= n_min:
             ok = run_ & (e >= n) & (e < length[:, None])
             keys = torch.where(ok, n * S + e, keys)  # longer suffixes first, then later positions
-    pos = e[:, None] + torch.arange(ell, device=dev)  # (S, ell)
-    cont = ctx.gather(1, pos.clamp(max=S - 1).reshape(1, -1).expand(B, -1)).view(B, S, ell)
-    cont = torch.where(pos < length[:, None, None], cont, -1)  # (B, S, ell), -1 past the context
     chains = []
-    for _ in range(C):
-        best_key, best = keys.max(1)
-        has = best_key >= 0
-        chain = torch.where(has[:, None], cont[torch.arange(B, device=dev), best], -1)  # (B, ell)
+    for c in range(C):
+        best_key = keys.amax(1)  # (B,); the match is at best_key % S
+        at = (best_key.clamp(min=0) % S)[:, None] + torch.arange(ell, device=dev)
+        chain = torch.where(best_key[:, None] >= 0, padded.gather(1, at), -1)  # (B, ell)
         chains.append(chain)
-        same = (cont == chain[:, None, :]).all(-1)  # matches proposing the same continuation
-        keys = torch.where(same, -1, keys)
+        if c + 1 < C:  # drop the matches that propose this same continuation
+            same = padded[:, :S] == chain[:, :1]
+            for j in range(1, ell):
+                same = same & (padded[:, j: j + S] == chain[:, j: j + 1])
+            keys = torch.where(same, -1, keys)
     return torch.stack(chains, 1) if chains else torch.full((B, 0, ell), -1, dtype=ctx.dtype, device=dev)
 
 
@@ -356,18 +362,27 @@ def _layout(tokens: Tensor, parents: Tensor, depths: Tensor, scores: Tensor, ups
     B, N1 = tokens.shape
     dev = tokens.device
     M = 0 if blocks is None else blocks.shape[0] // L
-    # (B, N+1, N+1): j is i or an ancestor of i, i.e. i's ancestor at j's depth is j
-    anc = ups.gather(2, depths[:, None, :].expand(-1, N1, -1)) == torch.arange(N1, device=dev)
+    node = torch.arange(N1, device=dev)
     anchors = torch.full((B, M), -1, dtype=torch.long, device=dev)
-    if not M:
-        return Tree(tokens, parents, depths, scores, anchors, anc, depths, ups)
-    best = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :M]  # root first: score 1
-    anchors = torch.where(scores.gather(1, best) >= 0, best, -1)
-    # Block m's k-th token: its anchor's ancestors and the anchor, then the block's tokens 1..k, at pos(anchor) + k.
+    if M:
+        best = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :M]  # root first: score 1
+        anchors = torch.where(scores.gather(1, best) >= 0, best, -1)
     a = anchors.clamp(min=0).repeat_interleave(L, 1)  # (B, M * L), the anchor of each block row
+    # Mask row r is node r's ancestors, or for block m's k-th token its anchor's ancestors and the anchor, then the
+    # block's tokens 1..k (a static table). Written as one expression over (B, T, T), so that a compiled step
+    # computes it where the attention bias reads it, with no boolean tensor stored on the way.
+    rows = torch.cat([node.expand(B, -1), a], 1)  # (B, T): the node whose ancestors row r sees
+    T = rows.shape[1]
+    col = torch.arange(T, device=dev)
+    col_depth = torch.cat([depths, depths.new_zeros(B, T - N1)], 1)  # (B, T)
+    # [b, r, c]: node c (c < N1) is rows[r]'s ancestor at c's depth, i.e. an ancestor of it or itself
+    seen = ups.gather(1, rows[:, :, None].expand(-1, -1, ups.shape[2])).gather(
+        2, col_depth[:, None, :].expand(-1, T, -1)) == col
+    if M:
+        mask = torch.where(col < N1, seen, F.pad(blocks, (N1, 0, N1, 0)))  # blocks: rows and columns N1..T-1
+    else:
+        mask = seen
     k = torch.arange(L, device=dev).repeat(M)
-    mask = torch.cat([torch.cat([anc, anc.new_zeros(B, N1, M * L)], 2),
-                      torch.cat([anc.gather(1, a[:, :, None].expand(-1, -1, N1)), blocks.expand(B, -1, -1)], 2)], 1)
     offsets = torch.cat([depths, depths.gather(1, a) + 1 + k], 1)
     return Tree(tokens, parents, depths, scores, anchors, mask, offsets, ups)
 

@@ -40,8 +40,9 @@ COMPILE = {"options": {}}
 @pytest.mark.parametrize("mode", ["ar", "pass", "pass1", "ngram", "tree"])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_step_compiles_whole_and_decodes_like_eager(tiny, mode, temperature):
-    """torch.compile(fullgraph=True) accepts every mode's step (a graph break would raise), and the compiled step
-    decodes what the eager one does; greedy, that is autoregressive greedy output."""
+    """torch.compile(fullgraph=True) accepts every mode's step (a graph break would raise) and compiles it once for
+    the whole decode (a recompile would raise: the state a step returns must pass the guards of the state `start`
+    made), and the compiled step decodes what the eager one does; greedy, that is autoregressive greedy output."""
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -49,7 +50,8 @@ def test_step_compiles_whole_and_decodes_like_eager(tiny, mode, temperature):
     decode = decoders(tiny)[mode]
     sp = SamplingParams(temperature, 5 if temperature else 0)
     eager = decode(tiny, PROMPTS, 12, sp, seeds=[1, 2, 3])
-    compiled = decode(tiny, PROMPTS, 12, sp, seeds=[1, 2, 3], compile=COMPILE)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = decode(tiny, PROMPTS, 12, sp, seeds=[1, 2, 3], compile=COMPILE)
     assert compiled.tokens == eager.tokens
     assert compiled.stats.calls == eager.stats.calls
     if temperature == 0:

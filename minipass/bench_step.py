@@ -1,0 +1,173 @@
+"""Time per call of each mode's compiled decoding step, and how much of it is outside the model forward.
+
+    python -m minipass.bench_step                       # tiny random model, batch 64, greedy, every mode
+    python -m minipass.bench_step --modes tree --batch-size 1 --rounds 9
+
+The step of a mode (what `decoding.run` calls once per iteration) is compiled as the decoders compile it
+(`decoding.compile_options`), and so are the mode's forward calls alone, with the inputs the step gave them
+(recorded from one eager call of the step): same widths, masks, positions and cache. The difference is the time the
+step spends around the forward: building trees, verification, sampling, cache moves, the commit, and the compiled
+wrapper's own host work. Each round runs `--steps` consecutive steps from the same state, then as many forwards;
+figures are medians over rounds with the spread (min..max) of the per-call time.
+
+The tiny model (2 layers, dim 64) makes the forward cheap, so the figures are dominated by what a step does around
+it, which is what a GPU pays in full per step. bench.py measures whole decodes on real checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from unittest import mock
+
+import torch
+import torch._inductor.config
+
+from minipass import decoding, pass_decoding, tree_decoding
+from minipass.config import ModelArgs
+from minipass.decoders import LOOKAHEAD_MODES, MODES, DecoderOptions, make_decoder
+from minipass.decoding import SamplingParams
+from minipass.lookahead import init_lookahead
+from minipass.memory import keep_freed_heap
+from minipass.model import Transformer
+
+# The module whose `run` each mode's decoder calls.
+_LOOP = {"ar": decoding, "pass": pass_decoding, "pass1": pass_decoding, "ngram": tree_decoding,
+         "tree": tree_decoding}
+
+
+class _Captured(Exception):
+    def __init__(self, step, st):
+        self.step, self.st = step, st
+
+
+def _capture(*args, **kwargs):
+    model, step, st = args[:3]
+    raise _Captured(step, st)
+
+
+def step_and_state(decode, loop_module, model, prompts, max_new_tokens, sampling):
+    """The (possibly compiled) step a decoder would loop over and the state after its prefill."""
+    with mock.patch.object(loop_module, "run", _capture):
+        try:
+            decode(model, prompts, max_new_tokens, sampling)
+        except _Captured as c:
+            return c.step, c.st
+    raise RuntimeError("the decoder returned without entering its loop")
+
+
+def forward_calls(model: Transformer, step, st) -> list:
+    """The keyword arguments of every model forward one eager call of `step` makes."""
+    calls = []
+    original = model.forward
+
+    def record(*args, **kwargs):
+        calls.append(dict(kwargs, tokens=args[0]) if args else dict(kwargs))
+        return original(*args, **kwargs)
+
+    model.forward = record
+    try:
+        step(model, st)
+    finally:
+        del model.forward
+    return calls
+
+
+def timed(fn, steps: int) -> float:
+    t = time.perf_counter()
+    fn(steps)
+    return (time.perf_counter() - t) / steps * 1e3
+
+
+def per_call_table(prof, calls: int, k: int) -> str:
+    """The k operations with the most self CPU time, per call: name, input shapes, count, microseconds."""
+    rows = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in rows) / calls
+    lines = [f"  {'self us':>8s} {'count':>6s}  operation (input shapes); all: {total:.0f} us per call"]
+    for e in rows[:k]:
+        shapes = str(e.input_shapes)[:70] if e.input_shapes else ""
+        lines.append(f"  {e.self_cpu_time_total / calls:8.1f} {e.count / calls:6.1f}  {e.key[:60]} {shapes}")
+    return "\n".join(lines)
+
+
+def fmt(xs) -> str:
+    return f"{statistics.median(xs):7.2f} ({min(xs):.2f}..{max(xs):.2f})"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--config", default="tiny", help="a tiny model config name (minipass.config.TINY_CONFIGS)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20, help="consecutive steps per round")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--eager", action="store_true", help="time the steps uncompiled")
+    p.add_argument("--profile", type=int, default=0, metavar="K",
+                   help="also print, per mode, the K costliest operations of one round of steps and of forwards "
+                        "(torch.profiler, with shapes)")
+    args = p.parse_args(argv)
+    keep_freed_heap()
+    if args.profile:  # each generated kernel its own profiler event
+        torch._inductor.config.cpp.enable_kernel_profile = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_name(args.config)).eval().requires_grad_(False)
+    # Prompts over a few token ids repeat their n-grams, so the n-gram drafts find matches.
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 16, (args.batch_size, args.prompt_len), generator=g).tolist()
+    lookahead = init_lookahead(model, DecoderOptions().lookahead, "random", seed=1)
+    options = DecoderOptions(compile=not args.eager, cache_len=args.prompt_len + 192)
+    sampling = SamplingParams()  # greedy
+    print(f"{args.config} model, batch {args.batch_size}, prompt {args.prompt_len} tokens, greedy, "
+          f"{'eager' if args.eager else 'compiled'}, {torch.get_num_threads()} threads; ms per call, median "
+          f"(min..max) over {args.rounds} rounds of {args.steps} steps")
+    print(f"{'mode':6s} {'width':>5s} {'compile s':>9s} {'step ms':>20s} {'forward ms':>20s} {'outside ms':>20s}")
+    for mode in args.modes.split(","):
+        decode = make_decoder(mode, options, lookahead if mode in LOOKAHEAD_MODES else None)
+        with torch.no_grad():
+            step, st0 = step_and_state(decode, _LOOP[mode], model, prompts, 128, sampling)
+            eager_step = getattr(step, "_torchdynamo_orig_callable", step)
+            calls = forward_calls(model, eager_step, st0)
+            width = "+".join(str((c.get("embeds") if c.get("embeds") is not None else c["tokens"]).shape[1])
+                             for c in calls)
+
+            def forwards(m, calls):  # the inputs are arguments, not constants that freezing would fold
+                return [m(**kw) for kw in calls]
+
+            fwd = forwards if args.eager else torch.compile(forwards, fullgraph=True, dynamic=False,
+                                                            **decoding.compile_options(st0["seqlens"].device))
+            t = time.perf_counter()
+            st1 = step(model, st0)  # compiles
+            fwd(model, calls)
+            compile_s = time.perf_counter() - t
+
+            def run_steps(n):
+                s = st1
+                for _ in range(n):
+                    s = step(model, s)
+
+            def run_forwards(n):
+                for _ in range(n):
+                    fwd(model, calls)
+
+            step_ms, fwd_ms = [], []
+            for _ in range(args.rounds):  # interleaved, so that a slow spell of the machine hits both
+                step_ms.append(timed(run_steps, args.steps))
+                fwd_ms.append(timed(run_forwards, args.steps))
+        outside = [s - f for s, f in zip(step_ms, fwd_ms)]
+        print(f"{mode:6s} {width:>5s} {compile_s:9.1f} {fmt(step_ms):>20s} {fmt(fwd_ms):>20s} {fmt(outside):>20s}",
+              flush=True)
+        if args.profile:
+            for what, fn in (("step", run_steps), ("forward", run_forwards)):
+                with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
+                    fn(args.steps)
+                print(f"--- {mode}, {what}: per call, the {args.profile} costliest operations")
+                print(per_call_table(prof, args.steps, args.profile), flush=True)
+
+
+if __name__ == "__main__":
+    main()

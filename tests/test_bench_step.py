@@ -1,0 +1,33 @@
+"""minipass.bench_step: it times the step a decoder loops over and that step's own forward calls."""
+
+import torch
+
+from minipass import bench_step, tree_decoding
+from minipass.decoders import DecoderOptions, make_decoder
+from minipass.decoding import SamplingParams
+from minipass.lookahead import init_lookahead
+from tests.util import tiny_model
+
+
+def test_captured_step_and_forwards_are_the_decoders():
+    model = tiny_model("tiny", seed=0)
+    la = init_lookahead(model, 4, "random", seed=1)
+    opts = DecoderOptions()
+    decode = make_decoder("tree", opts, la)
+    prompts = [[1, 2, 3, 1, 2], [4, 5, 4, 5, 4, 5]]
+    with torch.no_grad():
+        step, st = bench_step.step_and_state(decode, tree_decoding, model, prompts, 8, SamplingParams())
+        calls = bench_step.forward_calls(model, step, st)
+    T = 1 + opts.tree.nodes + opts.tree.blocks * 4
+    assert len(calls) == 1 and calls[0]["embeds"].shape[:2] == (2, T)
+    assert calls[0]["mask"].shape == (2, T, T)
+    assert "forward" not in vars(model)  # the recorder is removed again
+
+
+def test_prints_a_row_per_mode(capsys):
+    bench_step.main(["--modes", "ar,ngram", "--batch-size", "2", "--prompt-len", "8", "--steps", "2", "--rounds", "2",
+                     "--eager"])
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert set(rows) == {"ar", "ngram"}
+    assert rows["ar"][1] == "1" and rows["ngram"][1] == str(1 + tree_decoding.NGRAM.nodes)
+    assert all(float(rows[m][3]) > 0 and float(rows[m][5]) > 0 for m in rows)  # step and forward ms
