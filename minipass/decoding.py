@@ -22,6 +22,8 @@ periodic look raises one error naming the row and the position.
 
 from __future__ import annotations
 
+import contextlib
+
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -259,6 +261,18 @@ def check_every_default(device: torch.device) -> int:
     return 4 if device.type == "cuda" else 1
 
 
+def steady_guards():
+    """A context in which a compiled step checks only the guards that tell its compiled variants apart.
+
+    torch.compile checks a few hundred guards (every state tensor's dtype, shape, strides, aliasing; the constants
+    baked in) before each call: ~0.1 ms of host time per step for the tiny model's tree step at batch 64. From the
+    third step of a decode on, the state has the structure every later step sees (a step's output state is its
+    input's, and a decode compiles its step once: tests/test_step.py decodes every mode with error_on_recompile), so
+    the variant to run is known and the full check is redundant. `run` enters it around its steps only, never around
+    the caller's on_tokens."""
+    return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+
+
 def run(model: Transformer, step: Callable, st: State, on_tokens: Optional[Callable] = None,
         check_every: Optional[int] = None, t0: Optional[float] = None) -> Output:
     """Step until every row is done, looking at the state every `check_every` steps; returns the outputs.
@@ -267,9 +281,12 @@ def run(model: Transformer, step: Callable, st: State, on_tokens: Optional[Calla
     """
     device = st["seqlens"].device
     check_every = check_every or check_every_default(device)
+    steps = 0
     while True:
-        for _ in range(check_every):
-            st = step(model, st)
+        with steady_guards() if steps >= 2 else contextlib.nullcontext():
+            for _ in range(check_every):
+                st = step(model, st)
+        steps += check_every
         if on_tokens is not None:
             on_tokens(st["out"], st["n_out"])
         done, bad = torch.stack([st["finished"].all(), (st["bad"] >= 0).any()]).tolist()

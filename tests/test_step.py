@@ -1,5 +1,7 @@
 """The decoding step: compiled whole with fullgraph=True, no host synchronisation inside, non-finite logits caught."""
 
+import contextlib
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -39,10 +41,11 @@ COMPILE = {"options": {}}
 
 @pytest.mark.parametrize("mode", ["ar", "pass", "pass1", "ngram", "tree"])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_step_compiles_whole_and_decodes_like_eager(tiny, mode, temperature):
+def test_step_compiles_whole_and_decodes_like_eager(tiny, mode, temperature, monkeypatch):
     """torch.compile(fullgraph=True) accepts every mode's step (a graph break would raise) and compiles it once for
     the whole decode (a recompile would raise: the state a step returns must pass the guards of the state `start`
-    made), and the compiled step decodes what the eager one does; greedy, that is autoregressive greedy output."""
+    made, which is what lets `run` check only the differentiating guards from the third step on), and the compiled
+    step decodes what the eager one does, with either guard checking; greedy, that is autoregressive greedy output."""
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -50,9 +53,11 @@ def test_step_compiles_whole_and_decodes_like_eager(tiny, mode, temperature):
     decode = decoders(tiny)[mode]
     sp = SamplingParams(temperature, 5 if temperature else 0)
     eager = decode(tiny, PROMPTS, 12, sp, seeds=[1, 2, 3])
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        compiled = decode(tiny, PROMPTS, 12, sp, seeds=[1, 2, 3], compile=COMPILE)
-    assert compiled.tokens == eager.tokens
+    with monkeypatch.context() as m, torch._dynamo.config.patch(error_on_recompile=True):
+        m.setattr(dec, "steady_guards", contextlib.nullcontext)  # every step's guards checked in full
+        checked = decode(tiny, PROMPTS, 12, sp, seeds=[1, 2, 3], compile=COMPILE)
+    compiled = decode(tiny, PROMPTS, 12, sp, seeds=[1, 2, 3], compile=COMPILE)  # run's default: steady guards
+    assert checked.tokens == compiled.tokens == eager.tokens
     assert compiled.stats.calls == eager.stats.calls
     if temperature == 0:
         assert compiled.tokens == ar_decode(tiny, PROMPTS, 12).tokens
