@@ -122,7 +122,6 @@ def main(argv=None) -> None:
     lookahead = init_lookahead(model, DecoderOptions().lookahead, "random", seed=1)
     options = DecoderOptions(compile=not args.eager, cache_len=args.prompt_len + 192)
     sampling = SamplingParams()  # greedy
-    guards = decoding.steady_guards
     print(f"{args.config} model, batch {args.batch_size}, prompt {args.prompt_len} tokens, greedy, "
           f"{'eager' if args.eager else 'compiled'}, {torch.get_num_threads()} threads; ms per call, median "
           f"(min..max) over {args.rounds} rounds of {args.steps} steps")
@@ -133,8 +132,7 @@ def main(argv=None) -> None:
             step, st0 = step_and_state(decode, _LOOP[mode], model, prompts, 128, sampling)
             eager_step = getattr(step, "_torchdynamo_orig_callable", step)
             calls = forward_calls(model, eager_step, st0)
-            width = "+".join(str((c.get("embeds") if c.get("embeds") is not None else c["tokens"]).shape[1])
-                             for c in calls)
+            width = "+".join(str((c["tokens"] if c.get("embeds") is None else c["embeds"]).shape[1]) for c in calls)
 
             def forwards(m, calls):  # the inputs are arguments, not constants that freezing would fold
                 return [m(**kw) for kw in calls]
@@ -157,7 +155,7 @@ def main(argv=None) -> None:
                     fwd(model, calls)
 
             step_ms, fwd_ms = [], []
-            with guards():  # as decoding.run steps, from its third step on
+            with decoding.steady_guards():  # as decoding.run steps, from its third step on
                 for _ in range(args.rounds):  # interleaved, so that a slow spell of the machine hits both
                     step_ms.append(timed(run_steps, args.steps))
                     fwd_ms.append(timed(run_forwards, args.steps))
@@ -166,7 +164,7 @@ def main(argv=None) -> None:
               flush=True)
         if args.profile:
             for what, fn in (("step", run_steps), ("forward", run_forwards)):
-                with torch.no_grad(), guards(), torch.profiler.profile(record_shapes=True) as prof:
+                with torch.no_grad(), decoding.steady_guards(), torch.profiler.profile(record_shapes=True) as prof:
                     fn(args.steps)
                 print(f"--- {mode}, {what}: per call, the {args.profile} costliest operations")
                 print(per_call_table(prof, args.steps, args.profile), flush=True)

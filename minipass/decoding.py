@@ -23,7 +23,6 @@ periodic look raises one error naming the row and the position.
 from __future__ import annotations
 
 import contextlib
-
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
