@@ -7,8 +7,11 @@ The step of a mode (what `decoding.run` calls once per iteration) is compiled as
 (`decoding.compile_options`), and so are the mode's forward calls alone, with the inputs the step gave them
 (recorded from one eager call of the step): same widths, masks, positions and cache. The difference is the time the
 step spends around the forward: building trees, verification, sampling, cache moves, the commit, and the compiled
-wrapper's own host work. Each round runs `--steps` consecutive steps from the same state, then as many forwards;
-figures are medians over rounds with the spread (min..max) of the per-call time.
+wrapper's own host work. That difference of two larger figures is noisy on a shared machine, so the around-forward
+time is also measured directly ("stand-in"): the step compiled once more with each forward replaced by a read of the
+output it gave (a (B, T, vocab) copy, which the real forward's head also writes). Each round runs `--steps`
+consecutive steps from the same state, then as many forwards, then as many stand-in steps; figures are medians over
+rounds with the spread (min..max) of the per-call time.
 
 The tiny model (2 layers, dim 64) makes the forward cheap, so the figures are dominated by what a step does around
 it, which is what a GPU pays in full per step. bench.py measures whole decodes on real checkpoints.
@@ -74,6 +77,31 @@ def forward_calls(model: Transformer, step, st) -> list:
     return calls
 
 
+def _call_key(kw: dict) -> tuple:
+    x = kw["tokens"] if kw.get("embeds") is None else kw["embeds"]
+    index = kw.get("logits_index")
+    return (kw.get("embeds") is None, tuple(x.shape), None if index is None else tuple(index.shape),
+            bool(kw.get("return_hidden")))
+
+
+def stand_in_forward(calls: list, outputs: list):
+    """A model forward that returns, for a call shaped like one of `calls`, the output that call gave (recorded).
+    The output is made to depend on the call's input, so that a compiled step cannot fold what follows it into
+    constants."""
+    table = {}
+    for kw, out in zip(calls, outputs):
+        if table.setdefault(_call_key(kw), out).shape != out.shape:
+            raise RuntimeError("two forward calls of one step take the same inputs but give different outputs")
+
+    def forward(tokens=None, **kw):
+        kw = kw if tokens is None else dict(kw, tokens=tokens)
+        x = kw["tokens"] if kw.get("embeds") is None else kw["embeds"]
+        out = table[_call_key(kw)]
+        return out + (x.reshape(x.shape[0], -1)[:, :1] * 0).to(out.dtype).view(-1, *[1] * (out.dim() - 1))
+
+    return forward
+
+
 def timed(fn, steps: int) -> float:
     t = time.perf_counter()
     fn(steps)
@@ -125,7 +153,8 @@ def main(argv=None) -> None:
     print(f"{args.config} model, batch {args.batch_size}, prompt {args.prompt_len} tokens, greedy, "
           f"{'eager' if args.eager else 'compiled'}, {torch.get_num_threads()} threads; ms per call, median "
           f"(min..max) over {args.rounds} rounds of {args.steps} steps")
-    print(f"{'mode':6s} {'width':>5s} {'compile s':>9s} {'step ms':>20s} {'forward ms':>20s} {'outside ms':>20s}")
+    print(f"{'mode':6s} {'width':>5s} {'compile s':>9s} {'step ms':>20s} {'forward ms':>20s} {'outside ms':>20s} "
+          f"{'stand-in ms':>20s}")
     for mode in args.modes.split(","):
         decode = make_decoder(mode, options, lookahead if mode in LOOKAHEAD_MODES else None)
         with torch.no_grad():
@@ -144,6 +173,20 @@ def main(argv=None) -> None:
             step(model, st1)  # and again, were the second call's state to need another variant
             fwd(model, calls)
             compile_s = time.perf_counter() - t
+            # The step once more, with each forward replaced by a read of the output it gave: what the step costs
+            # around its forwards, measured directly rather than as a difference of two larger figures.
+            stand_in = stand_in_forward(calls, [model(**kw) for kw in calls])
+
+            def around(m, s):  # a function of its own, so that it compiles apart from `step`
+                return eager_step(m, s)
+
+            bare = around if args.eager else torch.compile(around, fullgraph=True, dynamic=False,
+                                                           **decoding.compile_options(st0["seqlens"].device))
+            model.forward = stand_in
+            try:
+                bare(model, bare(model, st1))
+            finally:
+                del model.forward
 
             def run_steps(n):
                 s = st1
@@ -154,14 +197,24 @@ def main(argv=None) -> None:
                 for _ in range(n):
                     fwd(model, calls)
 
-            step_ms, fwd_ms = [], []
+            def run_bare(n):
+                s = st1
+                model.forward = stand_in
+                try:
+                    for _ in range(n):
+                        s = bare(model, s)
+                finally:
+                    del model.forward
+
+            step_ms, fwd_ms, bare_ms = [], [], []
             with decoding.steady_guards():  # as decoding.run steps, from its third step on
-                for _ in range(args.rounds):  # interleaved, so that a slow spell of the machine hits both
+                for _ in range(args.rounds):  # interleaved, so that a slow spell of the machine hits all three
                     step_ms.append(timed(run_steps, args.steps))
                     fwd_ms.append(timed(run_forwards, args.steps))
+                    bare_ms.append(timed(run_bare, args.steps))
         outside = [s - f for s, f in zip(step_ms, fwd_ms)]
-        print(f"{mode:6s} {width:>5s} {compile_s:9.1f} {fmt(step_ms):>20s} {fmt(fwd_ms):>20s} {fmt(outside):>20s}",
-              flush=True)
+        print(f"{mode:6s} {width:>5s} {compile_s:9.1f} {fmt(step_ms):>20s} {fmt(fwd_ms):>20s} {fmt(outside):>20s} "
+              f"{fmt(bare_ms):>20s}", flush=True)
         if args.profile:
             for what, fn in (("step", run_steps), ("forward", run_forwards)):
                 with torch.no_grad(), decoding.steady_guards(), torch.profiler.profile(record_shapes=True) as prof:

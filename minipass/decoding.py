@@ -32,7 +32,7 @@ from torch import Tensor
 
 from minipass.errors import MinipassError
 from minipass.model import Transformer
-from minipass.sampling import SAMPLE, check_sampling_args, logits_to_probs, sample, uniforms
+from minipass.sampling import SAMPLE, argmax, check_sampling_args, logits_to_probs, sample, uniforms
 
 State = dict  # name -> Tensor; see start()
 
@@ -211,7 +211,7 @@ def choose(sampling: SamplingParams, logits: Tensor, u: Tensor) -> tuple[Tensor,
     transformed distribution. Also returns whether the logits were finite (their max is finite: no NaN, no +inf,
     not all -inf), which costs nothing extra when greedy."""
     if sampling.greedy:
-        top, token = logits.max(-1)
+        top, token = argmax(logits)
         return token, torch.isfinite(top)
     ok = torch.isfinite(logits.amax(-1))
     token = sample(sampling.probs(logits), u)

@@ -27,7 +27,7 @@ from minipass.decoding import (Output, SamplingParams, State, choose, clock, com
                                record_acceptance, run, start, step_for)
 from minipass.lookahead import lookahead_inputs, num_lookahead
 from minipass.model import Transformer
-from minipass.sampling import ACCEPT, DRAFT, RESIDUAL, SAMPLE, sample, uniforms
+from minipass.sampling import ACCEPT, DRAFT, RESIDUAL, SAMPLE, argmax, sample, uniforms
 
 
 def verify(model: Transformer, p: Tensor, drafts: Tensor, n_drafts: Tensor, u_accept: Tensor, u_sample: Tensor,
@@ -46,7 +46,7 @@ def verify_chain(model: Transformer, sampling: SamplingParams, logits: Tensor, d
     after the last accepted draft, so the tokens are the targets' argmaxes themselves."""
     K = drafts.shape[1]
     if sampling.greedy:
-        top, target = logits.max(-1)  # (B, K+1)
+        top, target = argmax(logits)  # (B, K+1)
         ok = torch.isfinite(top).all(-1)
         hit = (drafts == target[:, :K]) & (torch.arange(K, device=drafts.device) < n_drafts[:, None])
         return target, hit.long().cumprod(1).sum(1), ok
@@ -58,7 +58,7 @@ def verify_chain(model: Transformer, sampling: SamplingParams, logits: Tensor, d
 def draft_from(sampling: SamplingParams, logits: Tensor, seeds: Tensor, positions: Tensor):
     """Drafts (B, L) from look-ahead logits (B, L, V), and their distributions q (None when drafts are greedy)."""
     if sampling.greedy:
-        return logits.argmax(-1), None  # a deterministic draft: q is one-hot on it
+        return argmax(logits)[1], None  # a deterministic draft: q is one-hot on it
     q = sampling.probs(logits)
     return sample(q, uniforms(seeds, positions, DRAFT)).clamp(max=logits.shape[-1] - 1), q
 

@@ -52,6 +52,21 @@ def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
         raise MinipassError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
 
 
+def argmax(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """(max, index of its first occurrence) over the last dim, as `logits.max(-1)` gives them.
+
+    Written as two plain reductions, a max and then the least index equal to it (an int32 min), because those
+    vectorise: a compiled max-with-index tracks an int64 index per lane and is 2-2.7x slower on a CPU (measured on
+    (64, 17, 256) fp32 and (1, 17, 49152) bf16 logits). A row with a NaN has no index equal to its max (NaN); it
+    gets V - 1 (the callers flag such rows as not finite from the max).
+    """
+    top = logits.amax(-1)
+    V = logits.shape[-1]
+    ids = torch.arange(V, dtype=torch.int32, device=logits.device)
+    index = torch.where(logits == top[..., None], ids, V - 1).amin(-1)
+    return top, index.long()
+
+
 def logits_to_probs(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """The target distribution p over the last dim, float32, after temperature, then top-k, then top-p.
 

@@ -1,5 +1,6 @@
 """minipass.bench_step: it times the step a decoder loops over and that step's own forward calls."""
 
+import pytest
 import torch
 
 from minipass import bench_step, tree_decoding
@@ -31,3 +32,18 @@ def test_prints_a_row_per_mode(capsys):
     assert set(rows) == {"ar", "ngram"}
     assert rows["ar"][1] == "1" and rows["ngram"][1] == str(1 + tree_decoding.NGRAM.nodes)
     assert all(float(rows[m][3]) > 0 and float(rows[m][5]) > 0 for m in rows)  # step and forward ms
+    assert all(float(rows[m][9]) > 0 for m in rows)  # the step with stand-in forwards
+
+
+def test_stand_in_forward_returns_the_recorded_output_of_a_call_of_that_shape():
+    model = tiny_model("tiny", seed=0)
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    kw = dict(tokens=tokens, input_pos=torch.arange(3).expand(2, -1), cache_seqlens=torch.zeros(2, dtype=torch.long))
+    model.setup_caches(2, 64, call_width=3, prefill_len=0)
+    with torch.no_grad():
+        out = model(**kw)
+        forward = bench_step.stand_in_forward([kw], [out])
+        assert torch.equal(forward(**kw), out)
+        assert torch.equal(forward(tokens + 7, input_pos=kw["input_pos"], cache_seqlens=kw["cache_seqlens"]), out)
+        with pytest.raises(KeyError):  # a call of another width has no recorded output
+            forward(tokens[:, :2], input_pos=kw["input_pos"][:, :2], cache_seqlens=kw["cache_seqlens"])
