@@ -20,6 +20,7 @@ it, which is what a GPU pays in full per step. bench.py measures whole decodes o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from unittest import mock
@@ -60,6 +61,16 @@ def step_and_state(decode, loop_module, model, prompts, max_new_tokens, sampling
     raise RuntimeError("the decoder returned without entering its loop")
 
 
+@contextlib.contextmanager
+def forward_replaced(model: Transformer, forward):
+    """model.forward is `forward` inside the block."""
+    model.forward = forward
+    try:
+        yield
+    finally:
+        del model.forward
+
+
 def forward_calls(model: Transformer, step, st) -> list:
     """The keyword arguments of every model forward one eager call of `step` makes."""
     calls = []
@@ -69,11 +80,8 @@ def forward_calls(model: Transformer, step, st) -> list:
         calls.append(dict(kwargs, tokens=args[0]) if args else dict(kwargs))
         return original(*args, **kwargs)
 
-    model.forward = record
-    try:
+    with forward_replaced(model, record):
         step(model, st)
-    finally:
-        del model.forward
     return calls
 
 
@@ -182,11 +190,8 @@ def main(argv=None) -> None:
 
             bare = around if args.eager else torch.compile(around, fullgraph=True, dynamic=False,
                                                            **decoding.compile_options(st0["seqlens"].device))
-            model.forward = stand_in
-            try:
+            with forward_replaced(model, stand_in):
                 bare(model, bare(model, st1))
-            finally:
-                del model.forward
 
             def run_steps(n):
                 s = st1
@@ -199,12 +204,9 @@ def main(argv=None) -> None:
 
             def run_bare(n):
                 s = st1
-                model.forward = stand_in
-                try:
+                with forward_replaced(model, stand_in):
                     for _ in range(n):
                         s = bare(model, s)
-                finally:
-                    del model.forward
 
             step_ms, fwd_ms, bare_ms = [], [], []
             with decoding.steady_guards():  # as decoding.run steps, from its third step on
