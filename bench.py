@@ -25,6 +25,7 @@ for the speculation when they are sized automatically (sizing.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -36,12 +37,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch._dynamo
 
 from minipass.cli import add_decoding_args, add_model_args, decoder_options, run_cli
 from minipass.data import humaneval_prompts, jsonl_prompts, sharegpt_prompts
 from minipass.decoders import LOOKAHEAD_MODES, MODES, lookahead_for, make_decoder
-from minipass.decoding import DecodeStats, SamplingParams, compile_options
+from minipass.decoding import DecodeStats, SamplingParams, compile_fn, steady_guards
 from minipass.distributed import default_group, init_from_env, rank
 from minipass.errors import MinipassError
 from minipass.loading import load_checkpoint
@@ -211,7 +211,8 @@ def weight_bytes(model) -> int:
 
 def cost_curve(model, widths, batch: int, context: int, compile) -> dict:
     """Seconds per forward of T new tokens (causal) per row after `context` cached tokens, for each T in widths:
-    the median of 7 calls after 2 warm-ups, compiled like the decoding steps when `compile` is set."""
+    the median of 7 calls after 2 warm-ups, compiled like the decoding steps when `compile` is set (and then timed
+    with the guard checks of a decode's later steps, `decoding.steady_guards`)."""
     device = model.embed_tokens.weight.device
     g = torch.Generator().manual_seed(0)
     model.setup_caches(batch, context + max(widths) + 1)
@@ -229,9 +230,7 @@ def cost_curve(model, widths, batch: int, context: int, compile) -> dict:
     for T in widths:
         fn = forward
         if compile:
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            opts = compile_options(device) if compile is True else dict(compile)
-            fn = torch.compile(forward, fullgraph=True, dynamic=False, **opts)
+            fn = compile_fn(forward, device, None if compile is True else dict(compile))
         tokens = ids[:, context: context + T]
         pos = seq[:, None] + torch.arange(T, device=device)
         times = []
@@ -239,7 +238,9 @@ def cost_curve(model, widths, batch: int, context: int, compile) -> dict:
             for i in range(9):
                 sync(device)
                 t0 = time.perf_counter()
-                fn(model, tokens, pos, seq)
+                # after two calls, with the guard checks of a decode's steps (decoding.run)
+                with steady_guards() if compile and i >= 2 else contextlib.nullcontext():
+                    fn(model, tokens, pos, seq)
                 sync(device)
                 if i >= 2:
                     times.append(time.perf_counter() - t0)

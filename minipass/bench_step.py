@@ -4,7 +4,7 @@
     python -m minipass.bench_step --modes tree --batch-size 1 --rounds 9
 
 The step of a mode (what `decoding.run` calls once per iteration) is compiled as the decoders compile it
-(`decoding.compile_options`), and so are the mode's forward calls alone, with the inputs the step gave them
+(`decoding.compile_fn`), and so are the mode's forward calls alone, with the inputs the step gave them
 (recorded from one eager call of the step): same widths, masks, positions and cache. The difference is the time the
 step spends around the forward: building trees, verification, sampling, cache moves, the commit, and the compiled
 wrapper's own host work. That difference of two larger figures is noisy on a shared machine, so the around-forward
@@ -142,8 +142,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--eager", action="store_true", help="time the steps uncompiled")
     p.add_argument("--profile", type=int, default=0, metavar="K",
-                   help="also print, per mode, the K costliest operations of one round of steps and of forwards "
-                        "(torch.profiler, with shapes)")
+                   help="also print, per mode, the K costliest operations of one round of steps, of forwards and of "
+                        "stand-in steps (torch.profiler, with shapes)")
     args = p.parse_args(argv)
     keep_freed_heap()
     if args.profile:  # each generated kernel its own profiler event
@@ -174,8 +174,7 @@ def main(argv=None) -> None:
             def forwards(m, calls):  # the inputs are arguments, not constants that freezing would fold
                 return [m(**kw) for kw in calls]
 
-            fwd = forwards if args.eager else torch.compile(forwards, fullgraph=True, dynamic=False,
-                                                            **decoding.compile_options(st0["seqlens"].device))
+            fwd = forwards if args.eager else decoding.compile_fn(forwards, st0["seqlens"].device)
             t = time.perf_counter()
             st1 = step(model, st0)  # compiles
             step(model, st1)  # and again, were the second call's state to need another variant
@@ -188,8 +187,7 @@ def main(argv=None) -> None:
             def around(m, s):  # a function of its own, so that it compiles apart from `step`
                 return eager_step(m, s)
 
-            bare = around if args.eager else torch.compile(around, fullgraph=True, dynamic=False,
-                                                           **decoding.compile_options(st0["seqlens"].device))
+            bare = around if args.eager else decoding.compile_fn(around, st0["seqlens"].device)
             with forward_replaced(model, stand_in):
                 bare(model, bare(model, st1))
 
@@ -218,7 +216,7 @@ def main(argv=None) -> None:
         print(f"{mode:6s} {width:>5s} {compile_s:9.1f} {fmt(step_ms):>20s} {fmt(fwd_ms):>20s} {fmt(outside):>20s} "
               f"{fmt(bare_ms):>20s}", flush=True)
         if args.profile:
-            for what, fn in (("step", run_steps), ("forward", run_forwards)):
+            for what, fn in (("step", run_steps), ("forward", run_forwards), ("stand-in step", run_bare)):
                 with torch.no_grad(), decoding.steady_guards(), torch.profiler.profile(record_shapes=True) as prof:
                     fn(args.steps)
                 print(f"--- {mode}, {what}: per call, the {args.profile} costliest operations")

@@ -64,7 +64,7 @@ def add_decoding_args(parser: argparse.ArgumentParser, compile_default: bool = F
                         help="attention and acceptance through the Triton kernels (CUDA) or torch (default: auto)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=compile_default,
                         help="torch.compile each mode's decoding step whole (CUDA graphs on CUDA; on a CPU, inductor "
-                             f"with frozen weights and autotuned GEMMs) (default: {compile_default})")
+                             f"with the weights frozen into the graph) (default: {compile_default})")
     d = TreeConfig()
     parser.add_argument("--pass1-blocks", type=int, default=2,
                         help="pass1: look-ahead blocks after acceptance points 0..N-1, 0 = all L+1 (default 2)")

@@ -34,7 +34,7 @@ class DecoderOptions:
     pass1_blocks: int = 2  # pass1: look-ahead blocks after acceptance points 0..n-1; 0 = all L + 1
     tree: TreeConfig = field(default_factory=TreeConfig)  # tree mode
     ngram: TreeConfig = NGRAM  # ngram mode: one chain, no look-ahead
-    compile: Union[bool, dict] = False  # torch.compile the step (True: decoding.compile_options; a dict: the kwargs)
+    compile: Union[bool, dict] = False  # compile the step (decoding.compile_fn): True, or the torch.compile kwargs
     check_every: Optional[int] = None  # steps between two looks at the state (None: decoding.check_every_default)
     cache_len: Optional[int] = None  # the least cache length: calls that pass the same share one compiled step
 

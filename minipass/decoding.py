@@ -224,33 +224,61 @@ _COMPILED: dict = {}
 
 
 def compile_options(device: torch.device) -> dict:
-    """torch.compile arguments for a decoding step on this device.
+    """torch.compile arguments for a decoding step on this device (see `compile_fn`, which applies them).
 
     CUDA: CUDA graphs ("reduce-overhead"): the step is one graph replay, no per-kernel launch cost. CPU: inductor with
-    the weights frozen into the graph (prepacked for oneDNN) and its C++ GEMM templates autotuned against ATen's,
-    which read bf16 weights at close to the memory bandwidth at the few rows a decoding step has.
+    the weights frozen into the graph as constants and prepacked for oneDNN (bf16) or MKL (fp32), whose packed
+    products read bf16 weights 1.25-1.5x faster than ATen's `mm` on the weights as stored, at 1 to 65 rows (README,
+    "One step, compiled whole"). GEMM autotuning (`max_autotune`) is left off: it times its candidates on weights
+    that sit in the cache, picks C++ templates that are slower than the packed products once the weights stream
+    from memory, and lengthens the compile.
     """
     if device.type == "cuda":
         return {"mode": "reduce-overhead"}
-    return {"options": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+    return {"options": {"freezing": True,
                         # the generated kernels follow torch.set_num_threads instead of fixing the count at compile
                         # time (bench.py lowers it on a shared machine)
-                        "cpp.dynamic_threads": True,
-                        # quiet: no autotuning tables on stderr
-                        "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}}
+                        "cpp.dynamic_threads": True}}
+
+
+def compile_fn(fn: Callable, device: torch.device, options: Optional[dict] = None) -> Callable:
+    """`torch.compile(fn, fullgraph=True, dynamic=False, **options)`, `options` defaulting to compile_options(device).
+    fullgraph=True makes any graph break an error: the step must be pure tensor code.
+
+    Inductor's "freezing" option is read twice: by Dynamo when it traces, to decide whether a module's parameters
+    are constants of the graph or inputs to it, and by inductor. Passed through torch.compile's `options`, it only
+    reaches inductor, which then finds no constant to freeze: the weights stay graph inputs, multiplied by ATen's
+    `mm` as stored. So an `options` dict that asks for freezing is applied as inductor's config around each call of
+    the compiled function (a call compiles when no compiled variant fits), and the weights are frozen for real.
+    A frozen function holds the weights it was compiled with: parameters changed in place afterwards are not seen."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    opts = dict(compile_options(device) if options is None else options)
+    inductor = dict(opts.get("options") or {})
+    freezing = inductor.pop("freezing", False)
+    if "options" in opts:
+        opts["options"] = inductor
+    # Each mode, option set and batch shape is one more compiled variant of the same Python function.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False, **opts)
+    if not freezing:
+        return compiled
+    frozen_config = torch._inductor.config.patch(freezing=True)
+
+    def frozen(*args, **kwargs):
+        with frozen_config:
+            return compiled(*args, **kwargs)
+
+    frozen._torchdynamo_orig_callable = fn  # as torch.compile's own wrapper: the function it compiles
+    return frozen
 
 
 def compile_step(step: Callable, key: tuple, device: torch.device, options: Optional[dict] = None) -> Callable:
-    """`torch.compile(step, fullgraph=True, dynamic=False)`, made once per key (a mode and its static options) and
-    device. fullgraph=True makes any graph break an error: the step must be pure tensor code."""
+    """`compile_fn(step, device, options)`, made once per key (a mode and its static options) and device."""
     key = (key, str(device), repr(options))
     if key not in _COMPILED:
-        import torch._dynamo
-
-        # Each mode, option set and batch shape is one more compiled variant of the same Python step.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        opts = compile_options(device) if options is None else options
-        _COMPILED[key] = torch.compile(step, fullgraph=True, dynamic=False, **opts)
+        _COMPILED[key] = compile_fn(step, device, options)
     return _COMPILED[key]
 
 

@@ -124,12 +124,13 @@ def available_memory(device) -> tuple[Optional[int], str]:
 
 def check_decode_memory(model, batch_size: int, cache_len: int, call_width: int = 1,
                         prefill_len: Optional[int] = None, dtype: Optional[torch.dtype] = None,
-                        device=None) -> int:
+                        device=None, cache_held: bool = False) -> int:
     """Bytes a decoding run needs beyond the weights: the KV cache plus the activations of its widest forward call.
 
     call_width: new tokens per row in the widest decoding call (1 for autoregressive decoding). prefill_len: tokens
     per row of the prompt's prefill; None takes the longest prompt that fits, cache_len - call_width. Raises
-    MinipassError with the figures when that is more than the memory available on the device.
+    MinipassError with the figures when that is more than the memory available on the device. cache_held: the
+    cache is allocated already (it is reused), so only the activations must still fit.
     """
     param = model.embed_tokens.weight
     dtype, device = dtype or param.dtype, torch.device(device or param.device)
@@ -141,7 +142,7 @@ def check_decode_memory(model, batch_size: int, cache_len: int, call_width: int 
                       call_bytes(a, batch_size, prefill_len, prefill_len, 1, dtype,
                                  torch_attention))
     available, where = available_memory(device)
-    if available is not None and kv + activations > available:
+    if available is not None and (0 if cache_held else kv) + activations > available:
         raise MinipassError(
             f"not enough memory to decode {batch_size} row(s) of {cache_len} cache slots on {device}: "
             f"{_size(kv + activations)} are needed, {_size(kv)} for the KV cache in {str(dtype).replace('torch.', '')}"

@@ -206,6 +206,7 @@ def fresh_caches(model: Transformer, B: int, T: int) -> None:
     graph.
     """
     a, w = model.args, model.embed_tokens.weight
+    model.kv_store = None  # no longer the layers' cache
     for layer in model.layers:
         layer.self_attn.kv_cache = KVCache.zeros(B, a.n_kv_heads, T, a.head_dim, dtype=w.dtype, device=w.device)
     n = B * a.n_kv_heads * T  # each layer's store: K at rows [0, n), V at [n, 2n)

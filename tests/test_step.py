@@ -34,8 +34,8 @@ def tiny():
     return tiny_model("tiny", seed=3)
 
 
-# Inductor's defaults: freezing and GEMM autotuning (the CPU defaults of compile_options) cost minutes of compile
-# time and change nothing about whether the step is one graph.
+# Plain inductor: freezing (the CPU default of compile_options, tested below) costs compile time and changes
+# nothing about whether the step is one graph.
 COMPILE = {"options": {}}
 
 
@@ -84,6 +84,51 @@ class HostSyncs(TorchFunctionMode):
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in idx):
                 self.calls.append("boolean mask index")
         return func(*args, **(kwargs or {}))
+
+
+def test_compiled_with_freezing_the_weights_are_constants():
+    """compile_fn applies inductor's freezing for real: the weights become constants of the graph (packed for
+    oneDNN/MKL), which a change made to them in place afterwards does not reach. Passed as a torch.compile option
+    alone, freezing leaves the weights graph inputs, and the change would show."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 48).eval().requires_grad_(False)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        f = dec.compile_fn(lambda m, x: m(x), torch.device("cpu"), {"options": {"freezing": True}})
+        before = f(lin, x)
+        torch.testing.assert_close(before, lin(x))
+        lin.weight.add_(1.0)
+        assert torch.equal(f(lin, x), before)
+        assert not torch.allclose(lin(x), before)
+
+
+def test_a_frozen_step_serves_the_next_decode_without_compiling_again(tiny):
+    """The default CPU compile freezes the model into the step, the KV cache store included, which the compiled
+    step then checks by identity: a second decode of the same shape reuses the store (setup_caches clears it in
+    place), so it runs the same compiled step, and both decode what the eager step does."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    dec._COMPILED.clear()
+    eager = ar_decode(tiny, PROMPTS, 8)
+    frozen = {"options": {"freezing": True}}
+    first = ar_decode(tiny, PROMPTS, 8, compile=frozen)
+    store = tiny.kv_store
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        second = ar_decode(tiny, PROMPTS, 8, compile=frozen)
+    assert tiny.kv_store is store
+    assert first.tokens == second.tokens == eager.tokens
+
+
+def test_a_training_forward_between_decodes_changes_nothing(tiny):
+    """Look-ahead training forwards (and the tree sizing's calibration) give the layers caches of their own and
+    their own row offsets; the next decode's setup_caches, which keeps an unchanged cache store, must not keep
+    those: the tree decode's cache moves read every layer's rows through the offsets."""
+    from minipass.train_lookahead import fresh_caches
+
+    first = decoders(tiny)["tree"](tiny, PROMPTS, 10)
+    fresh_caches(tiny, 2, 8)
+    assert decoders(tiny)["tree"](tiny, PROMPTS, 10).tokens == first.tokens == ar_decode(tiny, PROMPTS, 10).tokens
 
 
 @pytest.mark.parametrize("mode", ["ar", "pass", "pass1", "ngram", "tree"])
