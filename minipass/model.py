@@ -264,9 +264,8 @@ class Transformer(nn.Module):
         shape = (batch_size, n_kv_heads, max_seq_len, a.head_dim)
         n = batch_size * n_kv_heads * max_seq_len
         old = self.kv_store
-        same = old is not None and (old.shape[0], old.dtype, old.device) == (a.n_layers * 2 * n, dtype,
-                                                                             torch.device(device))
-        if same:
+        if old is not None and (old.shape[0], old.dtype, old.device) == (a.n_layers * 2 * n, dtype,
+                                                                         torch.device(device)):
             # The same cache again: cleared in place. A compiled step with frozen weights (decoding.compile_fn)
             # holds the store it was compiled with as a constant, checked by identity: a new store would compile
             # every step once more.
@@ -279,13 +278,9 @@ class Transformer(nn.Module):
                 layer.self_attn.kv_cache = None
             check_decode_memory(self, batch_size, max_seq_len, call_width, prefill_len, dtype, device)
             self.kv_store = torch.zeros(a.n_layers * 2 * n, a.head_dim, dtype=dtype, device=device)
-        # Store row of cache row 0 of each layer's K and V, to turn one call's cache rows into every layer's (kept
-        # when unchanged, for the same reason as the store).
-        offsets = torch.arange(2 * a.n_layers, device=device).view(a.n_layers, 2, 1) * n
-        kept = getattr(self, "kv_row_offsets", None)
-        if not (same and kept is not None and (kept.shape, kept.device) == (offsets.shape, offsets.device)
-                and torch.equal(kept, offsets)):
-            self.kv_row_offsets = offsets
+            # Store row of cache row 0 of each layer's K and V, to turn one call's cache rows into every layer's
+            # (a function of the store's size: kept with the store).
+            self.kv_row_offsets = torch.arange(2 * a.n_layers, device=device).view(a.n_layers, 2, 1) * n
         self.kv_shape = (a.n_layers, 2) + shape
         for i, layer in enumerate(self.layers):
             layer.self_attn.kv_cache = KVCache(self.kv_store, shape, 2 * i * n, (2 * i + 1) * n)

@@ -122,8 +122,9 @@ def test_a_frozen_step_serves_the_next_decode_without_compiling_again(tiny):
 
 def test_a_training_forward_between_decodes_changes_nothing(tiny):
     """Look-ahead training forwards (and the tree sizing's calibration) give the layers caches of their own and
-    their own row offsets; the next decode's setup_caches, which keeps an unchanged cache store, must not keep
-    those: the tree decode's cache moves read every layer's rows through the offsets."""
+    their own row offsets (fresh_caches), so the model's shared store is dropped with them: the next decode's
+    setup_caches, which keeps an unchanged store and its offsets, must not keep the training ones, through which
+    the tree decode's cache moves would read every layer's rows."""
     from minipass.train_lookahead import fresh_caches
 
     first = decoders(tiny)["tree"](tiny, PROMPTS, 10)
