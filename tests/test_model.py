@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from minipass.config import ModelArgs
-from minipass.model import attention_bias
+from minipass.model import attention_bias, attention_torch
 from tests.util import tiny_model
 
 CONFIGS = ["tiny", "tiny-untied-mha", "tiny-llama3"]
@@ -92,6 +92,21 @@ def test_attention_bias_layout():
     expect1 = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
     assert torch.equal(full[0], expect0) and torch.equal(full[1], expect1)
     assert torch.equal(attention_bias(seqlens, None, 3, 6)[1] == 0, expect1)
+
+
+def test_attention_row_does_not_depend_on_the_call_width():
+    # A query row's output is the same bits whether it comes alone (an AR step), in a narrow chain or in a wider
+    # call; bf16, grouped heads, a causal chain after 300 cached slots of a 512-slot cache.
+    torch.manual_seed(0)
+    W, L, S = 17, 300, 512
+    q = torch.randn(1, 9, W, 64, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 3, S, 64, dtype=torch.bfloat16) for _ in range(2))
+    bias = attention_bias(torch.tensor([L]), None, W, S).to(torch.bfloat16)
+    wide = attention_torch(q, k, v, bias)
+    for T in (1, 2, 5):
+        for t in range(0, W - T + 1, T):
+            narrow = attention_torch(q[:, :, t:t + T], k, v, bias[:, t:t + T])
+            assert torch.equal(narrow, wide[:, :, t:t + T]), (T, t)
 
 
 def test_llama3_rope_scaling_changes_only_low_frequencies():

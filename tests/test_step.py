@@ -4,6 +4,7 @@ import contextlib
 
 import pytest
 import torch
+import torch._dynamo
 from torch.overrides import TorchFunctionMode
 
 import minipass.decoding as dec
@@ -100,6 +101,35 @@ def test_compiled_with_freezing_the_weights_are_constants():
         lin.weight.add_(1.0)
         assert torch.equal(f(lin, x), before)
         assert not torch.allclose(lin(x), before)
+
+
+def test_the_cpu_compile_concatenates_products_that_share_their_input():
+    """With the default CPU options, a frozen forward multiplies q, k, v as one product and gate, up as one: the
+    generated code of the tiny model (2 layers, untied head) calls 2 x 4 + 1 products instead of 2 x 7 + 1, and
+    gives the eager forward's logits."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_model("tiny-untied-mha")
+    model.setup_caches(1, 16)
+    tokens, pos, seq = torch.tensor([[3, 1, 4]]), torch.arange(3)[None], torch.zeros(1, dtype=torch.long)
+
+    def fwd(m, tokens, pos, seq):
+        return m(tokens, input_pos=pos, cache_seqlens=seq)
+
+    counts = {}
+    with torch.no_grad():
+        eager = fwd(model, tokens, pos, seq)
+        for concat in (False, True):
+            torch._dynamo.reset()
+            opts = dec.compile_options(torch.device("cpu"))
+            opts["options"]["cpp.enable_concat_linear"] = concat
+            out, code = run_and_get_code(dec.compile_fn(fwd, torch.device("cpu"), opts), model, tokens, pos, seq)
+            torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+            # the packed products' calls: MKL's for fp32 (the tiny model), oneDNN's for bf16
+            src = "".join(code)
+            counts[concat] = src.count("_mkl_linear.default(") + src.count("_linear_pointwise.default(")
+    assert dec.compile_options(torch.device("cpu"))["options"]["cpp.enable_concat_linear"]
+    assert (counts[False], counts[True]) == (2 * 7 + 1, 2 * 4 + 1)
 
 
 def test_a_frozen_step_serves_the_next_decode_without_compiling_again(tiny):
