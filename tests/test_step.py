@@ -47,8 +47,6 @@ def test_step_compiles_whole_and_decodes_like_eager(tiny, mode, temperature, mon
     the whole decode (a recompile would raise: the state a step returns must pass the guards of the state `start`
     made, which is what lets `run` check only the differentiating guards from the third step on), and the compiled
     step decodes what the eager one does, with either guard checking; greedy, that is autoregressive greedy output."""
-    import torch._dynamo
-
     torch._dynamo.reset()
     dec._COMPILED.clear()
     decode = decoders(tiny)[mode]
@@ -136,8 +134,6 @@ def test_a_frozen_step_serves_the_next_decode_without_compiling_again(tiny):
     """The default CPU compile freezes the model into the step, the KV cache store included, which the compiled
     step then checks by identity: a second decode of the same shape reuses the store (setup_caches clears it in
     place), so it runs the same compiled step, and both decode what the eager step does."""
-    import torch._dynamo
-
     torch._dynamo.reset()
     dec._COMPILED.clear()
     eager = ar_decode(tiny, PROMPTS, 8)
