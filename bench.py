@@ -301,7 +301,9 @@ def run_config(cfg: Config, model, prompts, args, stop_ids) -> tuple:
 
 def hf_decoder(ckpt, dtype, device, prompt_lookup: bool) -> Callable:
     """transformers' generate on the same weights, with the decoders' signature (one prompt at a time)."""
-    import transformers
+    from minipass.hf import import_transformers
+
+    transformers = import_transformers()
 
     hf = transformers.LlamaForCausalLM.from_pretrained(str(ckpt), dtype=dtype).to(device).eval()
 
@@ -533,7 +535,9 @@ def bench(args: argparse.Namespace) -> None:
                         specs.append((m, replace(opts, tree=tree), la))
             if args.peer:
                 try:
-                    import transformers  # noqa: F401
+                    from minipass.hf import import_transformers
+
+                    import_transformers()
                 except ImportError:
                     print("bench: --peer hf skipped: transformers is not installed", file=sys.stderr)
                 else:

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from minipass.loading import load_model
-from tests.util import save_checkpoint, tiny_model
+from tests.util import save_checkpoint, tiny_model, transformers_or_skip
 
-transformers = pytest.importorskip("transformers")
+transformers = transformers_or_skip()
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
            "<|im_start|>user\nWhat is 17 * 23?<|im_end|>\n<|im_start|>assistant\n"]

@@ -39,6 +39,31 @@ def test_nothing_imports_the_top_level_name():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_transformers_gets_its_own_kernels_when_run_from_the_checkout():
+    # transformers >= 5.25 imports the `kernels` distribution; from the repository root (the folder of bench.py, the
+    # working directory of `python -m pytest`) this checkout's kernels/ folder comes first on sys.path. Here it is
+    # even imported under the bare name beforehand, the worst case.
+    from tests.util import transformers_or_skip
+
+    transformers_or_skip()
+    code = "\n".join([
+        "import sys, importlib.metadata",
+        f"sys.path.insert(0, {str(ROOT)!r})",
+        "import kernels",
+        "from minipass.hf import import_transformers",
+        "transformers = import_transformers()",
+        "transformers.LlamaForCausalLM, transformers.LlamaConfig",
+        "try:",
+        "    importlib.metadata.version('kernels')",
+        "except importlib.metadata.PackageNotFoundError:",
+        "    pass",
+        "else:",
+        f"    assert not sys.modules['kernels'].__file__.startswith({str(ROOT / 'kernels')!r}), 'the checkout shadows kernels'",
+    ])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_the_wheel_holds_the_kernels_under_minipass(tmp_path):
     setuptools = pytest.importorskip("setuptools")
     if int(setuptools.__version__.split(".")[0]) < 77:

@@ -142,7 +142,9 @@ def test_unpermute_qk_inverts_llama_cpp_permute():
 
 def test_transformers_generates_coherent_text(default_ckpt):
     """End to end: with a wrong Q/K permutation the model answers nothing sensible."""
-    transformers = pytest.importorskip("transformers")
+    from tests.util import transformers_or_skip
+
+    transformers = transformers_or_skip()
     torch = pytest.importorskip("torch")
     model = transformers.LlamaForCausalLM.from_pretrained(default_ckpt, torch_dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(default_ckpt)

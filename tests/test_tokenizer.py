@@ -200,7 +200,9 @@ def test_smol_chat_prompt(smol):
 
 
 def test_smol_matches_transformers(smol, default_ckpt):
-    transformers = pytest.importorskip("transformers")
+    from tests.util import transformers_or_skip
+
+    transformers = transformers_or_skip()
     ref = transformers.AutoTokenizer.from_pretrained(default_ckpt)
     texts = ["Hello world", "  two leading spaces", "x = 12345 + 6.7e-8", "naïve café 日本語 🙂",
              "def fibonacci(n):\n    if n < 2:\n        return n", "<|im_start|>user\nHi<|im_end|>\n",

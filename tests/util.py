@@ -11,6 +11,18 @@ from safetensors.torch import save_file
 from minipass.config import TINY_CONFIGS, ModelArgs
 from minipass.model import Transformer
 
+
+def transformers_or_skip():
+    """The transformers module (with the installed `kernels` distribution, not this checkout's folder), or a skip."""
+    import pytest
+
+    from minipass.hf import import_transformers
+
+    try:
+        return import_transformers()
+    except ImportError:
+        pytest.skip("transformers is not installed", allow_module_level=True)
+
 # Prompts of the greedy token-identity tests on the default model: chat turns and code.
 CHAT = ["What is the capital of France?", "Write a haiku about autumn leaves.",
         "Explain in two sentences why the sky is blue.", "List three uses of a paperclip."]
