@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
+# In a checkout, minipass/kernels links to the top-level kernels/ folder; installed from a wheel, minipass/kernels is
+# a folder of its own and a `kernels` beside it in site-packages is the distribution, to be left alone.
+_OURS = _ROOT / "kernels" if (_ROOT / "minipass" / "kernels").resolve() == (_ROOT / "kernels").resolve() else None
 
 
 def _is_checkout_entry(entry: str) -> bool:
@@ -28,14 +31,15 @@ def import_transformers():
 
     Raises ImportError when transformers is not installed, like `import transformers`.
     """
+    if _OURS is None:  # not a checkout: nothing shadows the distribution
+        return importlib.import_module("transformers")
     loaded = sys.modules.get("kernels")
-    ours = _ROOT / "kernels"
-    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve().parent == ours:
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve().parent == _OURS:
         # The checkout's folder was imported under the bare name (e.g. by an earlier availability probe): forget it,
         # so the distribution can take the name. minipass itself only ever imports it as `minipass.kernels`.
         for name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
             del sys.modules[name]
-    if "kernels" not in sys.modules and (ours / "__init__.py").exists():
+    if "kernels" not in sys.modules:
         saved = sys.path[:]
         sys.path[:] = [p for p in sys.path if not _is_checkout_entry(p)]
         try:
