@@ -498,9 +498,11 @@ def tree_step(model: Transformer, st: State, sampling: SamplingParams, cfg: Tree
     st = flag_non_finite(st, ok, seq + 1)
     st = count_depths(st, tree, path, n_acc)
 
-    # The accepted nodes' K/V move from slot seqlens + node to seqlens + 1 + i.
-    dst = seq[:, None] + node_ids[1:]
-    src = torch.where(path >= 0, seq[:, None] + path, dst)
+    # The accepted nodes' K/V move from slot seqlens + node to seqlens + 1 + i; a path is at most the tree's depth
+    # long, so only that many slots can move.
+    moved = min(N, tpl.max_depth)
+    dst = seq[:, None] + node_ids[1 : moved + 1]
+    src = torch.where(path[:, :moved] >= 0, seq[:, None] + path[:, :moved], dst)
     model.move_cache_slots(src, dst)
 
     if M:  # look-ahead top-k for the next tree: the block after the node where the path ended, if it has one
