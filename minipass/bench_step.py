@@ -2,6 +2,7 @@
 
     python -m minipass.bench_step                       # tiny random model, batch 64, greedy, every mode
     python -m minipass.bench_step --modes tree --batch-size 1 --rounds 9
+    python -m minipass.bench_step --ckpt default --batch-size 1 --profile 15   # the default model, bf16 where native
 
 The step of a mode (what `decoding.run` calls once per iteration) is compiled as the decoders compile it
 (`decoding.compile_fn`), and so are the mode's forward calls alone, with the inputs the step gave them
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import sys
 import time
 from unittest import mock
 
@@ -30,10 +32,11 @@ import torch._inductor.config
 
 from minipass import decoding, pass_decoding, tree_decoding
 from minipass.config import ModelArgs
-from minipass.decoders import LOOKAHEAD_MODES, MODES, DecoderOptions, make_decoder
+from minipass.decoders import LOOKAHEAD_MODES, MODES, DecoderOptions, lookahead_for, make_decoder
+from minipass.cli import run_cli
 from minipass.decoding import SamplingParams
+from minipass.loading import load_checkpoint
 from minipass.lookahead import init_lookahead
-from minipass.memory import keep_freed_heap
 from minipass.model import Transformer
 
 # The module whose `run` each mode's decoder calls.
@@ -131,10 +134,13 @@ def fmt(xs) -> str:
     return f"{statistics.median(xs):7.2f} ({min(xs):.2f}..{max(xs):.2f})"
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--config", default="tiny", help="a tiny model config name (minipass.config.TINY_CONFIGS)")
+    p.add_argument("--ckpt", default=None,
+                   help="a checkpoint directory, or 'default' for the default model, instead of a tiny random model")
+    p.add_argument("--dtype", default="auto", help="with --ckpt: auto, bf16, fp16 or fp32")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--steps", type=int, default=20, help="consecutive steps per round")
@@ -145,20 +151,32 @@ def main(argv=None) -> None:
                    help="also print, per mode, the K costliest operations of one round of steps, of forwards and of "
                         "stand-in steps (torch.profiler, with shapes)")
     args = p.parse_args(argv)
-    keep_freed_heap()
+    return run_cli(lambda: bench(args))
+
+
+def bench(args) -> None:
     if args.profile:  # each generated kernel its own profiler event
         torch._inductor.config.cpp.enable_kernel_profile = True
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = Transformer(ModelArgs.from_name(args.config)).eval().requires_grad_(False)
-    # Prompts over a few token ids repeat their n-grams, so the n-gram drafts find matches.
+    L = DecoderOptions().lookahead
+    if args.ckpt:
+        model, _, _ = load_checkpoint(None if args.ckpt == "default" else args.ckpt, args.dtype, device="cpu")
+        lookahead, _ = lookahead_for(model, None, L, default_model=args.ckpt == "default")
+        name = "default" if args.ckpt == "default" else args.ckpt
+    else:
+        model = Transformer(ModelArgs.from_name(args.config)).eval().requires_grad_(False)
+        lookahead = init_lookahead(model, L, "random", seed=1)
+        name = args.config
+    # Prompts over a few token ids repeat their n-grams, so the n-gram drafts find matches (ids past the first
+    # hundred: a real vocabulary's first ones are control tokens).
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, 16, (args.batch_size, args.prompt_len), generator=g).tolist()
-    lookahead = init_lookahead(model, DecoderOptions().lookahead, "random", seed=1)
+    first = 100 if model.args.vocab_size > 1000 else 0
+    prompts = torch.randint(first, first + 16, (args.batch_size, args.prompt_len), generator=g).tolist()
     options = DecoderOptions(compile=not args.eager, cache_len=args.prompt_len + 192)
     sampling = SamplingParams()  # greedy
-    print(f"{args.config} model, batch {args.batch_size}, prompt {args.prompt_len} tokens, greedy, "
+    print(f"{name} model ({model.embed_tokens.weight.dtype}), batch {args.batch_size}, prompt {args.prompt_len} tokens, greedy, "
           f"{'eager' if args.eager else 'compiled'}, {torch.get_num_threads()} threads; ms per call, median "
           f"(min..max) over {args.rounds} rounds of {args.steps} steps")
     print(f"{'mode':6s} {'width':>5s} {'compile s':>9s} {'step ms':>20s} {'forward ms':>20s} {'outside ms':>20s} "
@@ -224,4 +242,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -444,9 +444,12 @@ def verify_tree(model: Transformer, sampling: SamplingParams, logits: Tensor, tr
     if sampling.greedy:
         top, target = argmax(logits)  # (B, N+1)
         ok = torch.isfinite(top).all(-1)
-        hit = (tree.parents >= 0) & (tree.tokens == target.gather(1, tree.parents.clamp(min=0)))
         below = tree.ups[:, :, 1:]  # (B, N+1, D): ancestors below the root, -1 past the node
-        accepted = ((below < 0) | hit.gather(1, below.clamp(min=0).flatten(1)).view_as(below)).all(-1)
+        # Each ancestor's token against its parent's argmax, the parent being the ancestor one depth up: two
+        # gathers per entry (a per-node hit gathered by ancestor was four dependent ones, compiled).
+        above = tree.ups[:, :, :-1].clamp(min=0)
+        hit = tree.tokens.gather(1, below.clamp(min=0).flatten(1)) == target.gather(1, above.flatten(1))
+        accepted = ((below < 0) | hit.view_as(below)).all(-1)
         end = torch.where(accepted & (tree.scores >= 0), tree.depths, -1).argmax(1)  # (B,), the root if none
         n_acc = tree.depths.gather(1, end[:, None])[:, 0]
         path = below.gather(1, end[:, None, None].expand(-1, 1, below.shape[2]))[:, 0]  # (B, D)

@@ -7,7 +7,7 @@ from minipass import bench_step, tree_decoding
 from minipass.decoders import DecoderOptions, make_decoder
 from minipass.decoding import SamplingParams
 from minipass.lookahead import init_lookahead
-from tests.util import tiny_model
+from tests.util import tiny_checkpoint, tiny_model
 
 
 def test_captured_step_and_forwards_are_the_decoders():
@@ -47,3 +47,18 @@ def test_stand_in_forward_returns_the_recorded_output_of_a_call_of_that_shape():
         assert torch.equal(forward(tokens + 7, input_pos=kw["input_pos"], cache_seqlens=kw["cache_seqlens"]), out)
         with pytest.raises(KeyError):  # a call of another width has no recorded output
             forward(tokens[:, :2], input_pos=kw["input_pos"][:, :2], cache_seqlens=kw["cache_seqlens"])
+
+
+def test_times_a_checkpoint_given_by_path(tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    bench_step.main(["--ckpt", str(ckpt), "--dtype", "fp32", "--modes", "ar", "--batch-size", "1", "--prompt-len", "6",
+                     "--steps", "2", "--rounds", "1", "--eager"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{ckpt} model (torch.float32), batch 1")
+    assert out[2].split()[:2] == ["ar", "1"]
+
+
+def test_a_missing_checkpoint_is_one_line_and_exit_code_2(tmp_path, capsys):
+    assert bench_step.main(["--ckpt", str(tmp_path / "nowhere"), "--modes", "ar"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "nowhere") in err[0]
