@@ -74,6 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.set_defaults(tree_nodes="auto")
     p.add_argument("--calibration-prompts", type=int, default=6,
                    help="--tree-nodes auto: prompts of the calibration run per data set and setting (default 6)")
+    p.add_argument("--curve-widths", default=",".join(map(str, CURVE_WIDTHS)),
+                   help="widths T of the measured cost curve, comma-separated (1 is always measured: the curve is "
+                        "read relative to t(1)); each is one more compiled forward, so fewer widths shorten the "
+                        f"set-up where compiling is slow (default {','.join(map(str, CURVE_WIDTHS))})")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice, lowered for a round when other processes "
                         "keep cores busy: see CpuMeter)")
@@ -464,6 +468,10 @@ def bench(args: argparse.Namespace) -> None:
     budgets = parse_list(args.tree_nodes, "--tree-nodes", allow_auto=True)
     if args.num_prompts < 1 or args.batch_size < 1 or args.rounds < 1:
         raise MinipassError("--num-prompts, --batch-size and --rounds must be >= 1")
+    widths = parse_list(args.curve_widths, "--curve-widths")
+    if min(widths) < 1:
+        raise MinipassError(f"--curve-widths must be >= 1, got {args.curve_widths!r}")
+    widths = sorted(set(widths) | {1})
     settings = [SamplingParams(), SamplingParams(*PAPER_SAMPLING)] if args.temperature is None else \
         [SamplingParams(args.temperature, args.top_k, args.top_p)]
 
@@ -487,7 +495,7 @@ def bench(args: argparse.Namespace) -> None:
     bound = bandwidth / gb * args.batch_size  # tokens/s if a step cost exactly one read of the weights
     context = int(statistics.median(len(p) for _, ps in datasets for p in ps)) + args.max_new_tokens // 2
     t_curve = time.perf_counter()
-    curve = cost_curve(model, CURVE_WIDTHS, args.batch_size, context, compile_)
+    curve = cost_curve(model, widths, args.batch_size, context, compile_)
     curve_s = time.perf_counter() - t_curve
     t_of = interpolate(curve)
     cost_of = lambda T: t_of(T) / curve[1]  # noqa: E731

@@ -92,11 +92,25 @@ def test_json_has_every_field_and_greedy_matches_ar(bench, setup, tmp_path, caps
     assert "spread " in out and "call/ar " in out  # the legend
 
 
+def test_curve_widths(bench, setup, tmp_path):
+    """--curve-widths measures those widths and t(1), nothing else."""
+    ckpt, prompts = setup
+    out = tmp_path / "out.json"
+    argv = ["--ckpt", str(ckpt), "--dataset", str(prompts), "--num-prompts", "1", "--max-new-tokens", "4",
+            "--modes", "ar", "--temperature", "0", "--rounds", "1", "--no-compile", "--curve-widths", "4,2,4",
+            "--json", str(out)]
+    assert bench.main(argv) == 0
+    curve = json.loads(out.read_text())["cost_curve"]
+    assert sorted(curve, key=int) == ["1", "2", "4"] and curve["1"]["vs_t1"] == 1.0
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--modes", "ar,fast"], "unknown mode 'fast' in --modes"),
     (["--lookahead", "2,x"], "--lookahead must be integers separated by commas"),
     (["--num-prompts", "0"], "--num-prompts, --batch-size and --rounds must be >= 1"),
     (["--tree-nodes", "many"], "--tree-nodes must be integers separated by commas (or auto)"),
+    (["--curve-widths", "1,0"], "--curve-widths must be >= 1, got '1,0'"),
+    (["--curve-widths", "1,wide"], "--curve-widths must be integers separated by commas"),
 ])
 def test_bad_options(bench, setup, capsys, extra, message):
     ckpt, prompts = setup

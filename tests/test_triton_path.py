@@ -44,3 +44,66 @@ def test_decoders_agree_through_both_paths(both):
         res.append((pass1_decode(model, prompts, 6, lookahead=la).tokens,
                     tree_decode(model, prompts, 6, lookahead=la, tree=TreeConfig(nodes=6, topk=2, blocks=1)).tokens))
     assert res[0] == res[1]
+
+
+@pytest.mark.parametrize("mode", ["ar", "pass", "pass1", "ngram", "tree"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_compiled_step_holds_the_triton_ops_and_decodes_like_eager(both, mode, temperature):
+    """Every mode's step through the Triton kernels (interpreted here) compiles whole (fullgraph=True, once for the
+    decode), its one graph calls the kernels as the torch ops minipass::attention, and when sampling
+    minipass::accept (chains) or minipass::accept_tree (trees), and it decodes what the eager step decodes; greedy,
+    that is autoregressive greedy output."""
+    import torch._dynamo
+
+    import minipass.decoding as dec
+    from minipass.decoding import SamplingParams, ar_decode
+    from minipass.pass_decoding import pass_decode
+    from minipass.tree_decoding import ngram_decode
+
+    torch_model, model = both
+    la = init_lookahead(torch_model, 2, "random")
+    tree = TreeConfig(nodes=6, topk=2, blocks=1, ngram_len=3, ngram_chains=2)
+    decode = {"ar": ar_decode, "pass": lambda *a, **k: pass_decode(*a, lookahead=la, **k),
+              "pass1": lambda *a, **k: pass1_decode(*a, lookahead=la, **k), "ngram": ngram_decode,
+              "tree": lambda *a, **k: tree_decode(*a, lookahead=la, tree=tree, **k)}[mode]
+    prompts = [[5, 6, 7, 8, 5, 6, 7, 2], [9, 10, 9]]
+    sampling = SamplingParams(temperature, 5 if temperature else 0)
+    targets = []
+
+    def backend(gm, example_inputs):  # records the graph, runs it as traced
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    dec._COMPILED.clear()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out = decode(model, prompts, 8, sampling, seeds=[1, 2], compile={"backend": backend})
+    finally:
+        dec._COMPILED.clear()
+    assert out.tokens == decode(model, prompts, 8, sampling, seeds=[1, 2]).tokens
+    if temperature == 0:
+        assert out.tokens == ar_decode(torch_model, prompts, 8).tokens
+    expected = {"minipass.attention"}
+    if temperature and mode != "ar":
+        expected.add("minipass.accept" if mode in ("pass", "pass1") else "minipass.accept_tree")
+    assert expected <= {t for t in targets if t.startswith("minipass.")}, sorted(set(targets))
+
+
+def test_inductor_compiles_the_tree_step_around_the_triton_ops(both):
+    """Inductor (as --compile uses it, C++ kernels for the rest of the step on the CPU) around the Triton ops:
+    a sampled tree decode through the compiled step gives the eager step's tokens."""
+    import minipass.decoding as dec
+    from minipass.decoding import SamplingParams
+
+    _, model = both
+    la = init_lookahead(both[0], 2, "random")
+    tree = TreeConfig(nodes=6, topk=2, blocks=1)
+    prompts = [[5, 6, 7, 8, 5, 6, 7, 2], [9, 10, 9]]
+    sampling = SamplingParams(0.8, 5)
+    dec._COMPILED.clear()
+    try:
+        out = tree_decode(model, prompts, 8, sampling, seeds=[1, 2], lookahead=la, tree=tree, compile={"options": {}})
+    finally:
+        dec._COMPILED.clear()
+    assert out.tokens == tree_decode(model, prompts, 8, sampling, seeds=[1, 2], lookahead=la, tree=tree).tokens
