@@ -4,6 +4,7 @@
     python bench.py --ckpt path/to/llama --lookahead-file la.safetensors --dataset prompts.jsonl
     python bench.py --modes ar,pass,pass1 --lookahead 1,2,4,6,8 --temperature 0 --plot sweep.png
     python bench.py --modes ar,tree --tree-nodes auto,16          # the auto-sized tree against a fixed budget
+    python bench.py --modes ar,tree --curve-widths 1,8,16,32      # fewer compiled widths for the cost curve
 
 Every mode decodes the same prompts with the same seeds. The timed runs come in rounds: each round runs every
 configuration once, in an order rotated from round to round, so a slow phase of a shared machine spreads over all
@@ -49,7 +50,7 @@ from minipass.loading import load_checkpoint
 PAPER_SAMPLING = (0.8, 10, 1.0)  # the paper's setting: temperature 0.8, top-k 10
 UNSTABLE_SPREAD = 0.15  # a configuration whose tokens/s varied more than this over the rounds is flagged
 BUSY_CORES = 0.25  # a timed run during which other processes took more CPU than this (in cores) is flagged
-CURVE_WIDTHS = (1, 2, 4, 8, 16, 24, 32, 48, 64)  # forward widths measured for the cost curve (and the sizing)
+CURVE_WIDTHS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)  # forward widths measured for the cost curve (and the sizing)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -250,6 +251,17 @@ def cost_curve(model, widths, batch: int, context: int, compile) -> dict:
                     times.append(time.perf_counter() - t0)
         out[T] = statistics.median(times)
     return out
+
+
+def envelope(curve: dict) -> dict:
+    """The measured curve made non-decreasing in T: t(T) = the least t(T') measured at any T' >= T. A call of T
+    tokens can always run as the wider call (padded), so a narrower width that measured slower than a wider one was
+    disturbed, and left as measured it would steer the sizing away from every width near it."""
+    out, least = {}, float("inf")
+    for T in sorted(curve, reverse=True):
+        least = min(least, curve[T])
+        out[T] = least
+    return dict(sorted(out.items()))
 
 
 def interpolate(curve: dict) -> Callable[[int], float]:
@@ -497,8 +509,9 @@ def bench(args: argparse.Namespace) -> None:
     t_curve = time.perf_counter()
     curve = cost_curve(model, widths, args.batch_size, context, compile_)
     curve_s = time.perf_counter() - t_curve
-    t_of = interpolate(curve)
-    cost_of = lambda T: t_of(T) / curve[1]  # noqa: E731
+    used = envelope(curve)  # what the sizing and the model_cost column read
+    t_of = interpolate(used)
+    cost_of = lambda T: t_of(T) / used[1]  # noqa: E731
 
     # Configurations: every (dataset, setting) group has its ar baseline first. Decoders are made once the widest
     # call is known: every run then uses one cache length, so a compiled step is compiled once per configuration.
@@ -635,6 +648,9 @@ def bench(args: argparse.Namespace) -> None:
     print(f"cost curve (one forward of T new tokens per row at {context} cached tokens, "
           f"{'compiled' if compile_ else 'eager'}, median of 7): " +
           "  ".join(f"T={T}: {1e3 * t:.1f} ms ({t / curve[1]:.2f}x)" for T, t in curve.items()))
+    if used != curve:
+        print("  read as non-decreasing in T (a narrower call can run as a wider one): " +
+              "  ".join(f"T={T}: {1e3 * used[T]:.1f} ms" for T in curve if used[T] != curve[T]))
     warm = sum(cfg.warmup_s for _, g in groups for cfg in g)
     print(f"set-up time (not in the figures above): cost curve {curve_s:.0f} s, warm-up and compilation of the "
           f"steps {warm:.0f} s")
@@ -662,8 +678,8 @@ def bench(args: argparse.Namespace) -> None:
                "compiled": bool(compile_), "rounds": args.rounds, "load_average_start": load_start,
                "load_average_end": load_end, "bandwidth_gb_per_s": round(bandwidth, 2), "weights_gb": round(gb, 4),
                "bound_tokens_per_s": round(bound, 2),
-               "cost_curve": {str(T): {"ms": round(1e3 * t, 3), "vs_t1": round(t / curve[1], 4)}
-                              for T, t in curve.items()},
+               "cost_curve": {str(T): {"ms": round(1e3 * t, 3), "vs_t1": round(t / curve[1], 4),
+                                      "used_ms": round(1e3 * used[T], 3)} for T, t in curve.items()},
                "cost_curve_context": context, "cost_curve_s": round(curve_s, 1),
                "sizing": sizing_report, "unstable": [r["mode"] for r in unstable], "round_log": round_log,
                "runs": runs}

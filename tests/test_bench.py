@@ -92,6 +92,18 @@ def test_json_has_every_field_and_greedy_matches_ar(bench, setup, tmp_path, caps
     assert "spread " in out and "call/ar " in out  # the legend
 
 
+def test_the_sizing_reads_the_cost_curve_non_decreasing(bench):
+    """A narrower width measured slower than a wider one (a disturbed measure) is read at the wider one's cost;
+    the rest is left as measured, and the interpolation runs between the points read."""
+    curve = {1: 10.0, 2: 12.0, 4: 11.0, 8: 16.0, 16: 14.0, 32: 20.0}
+    used = bench.envelope(curve)
+    assert used == {1: 10.0, 2: 11.0, 4: 11.0, 8: 14.0, 16: 14.0, 32: 20.0}
+    assert all(used[a] <= used[b] for a, b in zip(sorted(used), sorted(used)[1:]))
+    t = bench.interpolate(used)
+    assert t(1) == 10.0 and t(12) == 14.0 and t(24) == pytest.approx(17.0)
+    assert bench.envelope({1: 3.0, 4: 5.0}) == {1: 3.0, 4: 5.0}
+
+
 def test_curve_widths(bench, setup, tmp_path):
     """--curve-widths measures those widths and t(1), nothing else."""
     ckpt, prompts = setup
@@ -102,6 +114,7 @@ def test_curve_widths(bench, setup, tmp_path):
     assert bench.main(argv) == 0
     curve = json.loads(out.read_text())["cost_curve"]
     assert sorted(curve, key=int) == ["1", "2", "4"] and curve["1"]["vs_t1"] == 1.0
+    assert all(0 < c["used_ms"] <= c["ms"] for c in curve.values())
 
 
 @pytest.mark.parametrize("extra, message", [
