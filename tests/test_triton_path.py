@@ -3,11 +3,18 @@ through torch."""
 
 import pytest
 import torch
+import torch._dynamo
 
+import minipass.decoding as dec
+from minipass.decoding import SamplingParams, ar_decode
 from minipass.lookahead import init_lookahead
-from minipass.pass_decoding import pass1_decode
-from minipass.tree_decoding import TreeConfig, tree_decode
+from minipass.pass_decoding import pass1_decode, pass_decode
+from minipass.tree_decoding import TreeConfig, ngram_decode, tree_decode
 from tests.util import tiny_model
+
+# The compiled-step tests' decode: two ragged prompts, a tree with look-ahead and n-gram candidates.
+PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 2], [9, 10, 9]]
+TREE = TreeConfig(nodes=6, topk=2, blocks=1, ngram_len=3, ngram_chains=2)
 
 
 @pytest.fixture
@@ -53,20 +60,12 @@ def test_compiled_step_holds_the_triton_ops_and_decodes_like_eager(both, mode, t
     decode), its one graph calls the kernels as the torch ops minipass::attention, and when sampling
     minipass::accept (chains) or minipass::accept_tree (trees), and it decodes what the eager step decodes; greedy,
     that is autoregressive greedy output."""
-    import torch._dynamo
-
-    import minipass.decoding as dec
-    from minipass.decoding import SamplingParams, ar_decode
-    from minipass.pass_decoding import pass_decode
-    from minipass.tree_decoding import ngram_decode
-
     torch_model, model = both
     la = init_lookahead(torch_model, 2, "random")
-    tree = TreeConfig(nodes=6, topk=2, blocks=1, ngram_len=3, ngram_chains=2)
     decode = {"ar": ar_decode, "pass": lambda *a, **k: pass_decode(*a, lookahead=la, **k),
               "pass1": lambda *a, **k: pass1_decode(*a, lookahead=la, **k), "ngram": ngram_decode,
-              "tree": lambda *a, **k: tree_decode(*a, lookahead=la, tree=tree, **k)}[mode]
-    prompts = [[5, 6, 7, 8, 5, 6, 7, 2], [9, 10, 9]]
+              "tree": lambda *a, **k: tree_decode(*a, lookahead=la, tree=TREE, **k)}[mode]
+    prompts = PROMPTS
     sampling = SamplingParams(temperature, 5 if temperature else 0)
     targets = []
 
@@ -93,13 +92,9 @@ def test_compiled_step_holds_the_triton_ops_and_decodes_like_eager(both, mode, t
 def test_inductor_compiles_the_tree_step_around_the_triton_ops(both):
     """Inductor (as --compile uses it, C++ kernels for the rest of the step on the CPU) around the Triton ops:
     a sampled tree decode through the compiled step gives the eager step's tokens."""
-    import minipass.decoding as dec
-    from minipass.decoding import SamplingParams
-
-    _, model = both
-    la = init_lookahead(both[0], 2, "random")
-    tree = TreeConfig(nodes=6, topk=2, blocks=1)
-    prompts = [[5, 6, 7, 8, 5, 6, 7, 2], [9, 10, 9]]
+    torch_model, model = both
+    la = init_lookahead(torch_model, 2, "random")
+    tree, prompts = TREE, PROMPTS
     sampling = SamplingParams(0.8, 5)
     dec._COMPILED.clear()
     try:
