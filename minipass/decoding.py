@@ -233,15 +233,27 @@ def compile_options(device: torch.device) -> dict:
     which oneDNN streams faster (the AR step of the default model: 20.6 against 24.1 ms). GEMM autotuning
     (`max_autotune`) is left off: it times its candidates on weights that sit in the cache, picks C++ templates that
     are slower than the packed products once the weights stream from memory, and lengthens the compile.
+
+    A token's logits must not depend on the width of the call that computes them (README, "Logits that do not depend
+    on the call"), so: low-precision intermediates are rounded where eager PyTorch rounds them
+    (`emulate_precision_casts`; by default inductor keeps a fused kernel's bf16 intermediates in fp32, and what it
+    fuses depends on the shapes), and on a CPU `cpp.dynamic_threads` is off (on, inductor gives every kernel a
+    parallel loop, and in a one-token call, whose row dimension is gone, that loop is a norm's reduction, split
+    across the threads; off, a kernel runs in parallel only where it has enough work, and the threads still follow
+    torch.set_num_threads, which bench.py lowers on a shared machine). With either option the other way,
+    the default model's one-token and 8-token calls gave 57 or 64 of 64 tokens of a chain other bits, from layer 3
+    or 13 on; with both, none.
     """
     if device.type == "cuda":
-        return {"mode": "reduce-overhead"}
+        # CUDA graphs (torch.compile's mode "reduce-overhead", which cannot be given with options)
+        return {"options": {"triton.cudagraphs": True, "emulate_precision_casts": True}}
     return {"options": {"freezing": True,
+                        # round to bf16 / fp16 wherever eager does (see the docstring)
+                        "emulate_precision_casts": True,
                         # frozen products that share their input become one: q, k and v; gate and up
                         "cpp.enable_concat_linear": True,
-                        # the generated kernels follow torch.set_num_threads instead of fixing the count at compile
-                        # time (bench.py lowers it on a shared machine)
-                        "cpp.dynamic_threads": True,
+                        # no parallel loop forced on every kernel (see the docstring)
+                        "cpp.dynamic_threads": False,
                         # the graph's calls made from C++, not from a Python wrapper: ~2 ms less per step of the
                         # default model (a few hundred kernel calls and buffer allocations), 15-25 s more compile
                         "cpp_wrapper": True}}

@@ -29,7 +29,7 @@ from minipass.errors import MinipassError
 # Bytes per element, per copy alive at the peak of each phase (see the module docstring).
 RESIDUAL_F32_COPIES = 6  # x, the block output, the norm's float32 input and products
 ROPE_F32_COPIES = 4  # apply_rope's float32 input, rotated half and the two products
-SCORE_F32_COPIES = 3  # scores, masked scores, probabilities
+SCORE_F32_COPIES = 3  # scores, masked scores, probabilities (and a row's last scores, gathered apart)
 MLP_COPIES = 4  # gate, silu(gate), up, their product
 LOGIT_F32_COPIES = 8  # logits in float32, scaled, masked, probabilities, the sort's values, int64 indices, sums
 
@@ -49,7 +49,7 @@ def call_bytes(args, batch_size: int, width: int, kv_len: int, logits_rows: int,
     residual = tokens * args.dim * 4 * RESIDUAL_F32_COPIES
     qkv = tokens * args.head_dim * ((args.n_heads + 2 * args.n_kv_heads) * e
                                     + (args.n_heads + args.n_kv_heads) * 4 * ROPE_F32_COPIES)
-    attention = qkv + tokens * kv_len * 3  # three boolean masks over the cache
+    attention = qkv + tokens * kv_len * 4  # a float32 mask over the cache (model.attention_layout)
     if torch_attention:
         attention += tokens * args.n_heads * kv_len * (4 * SCORE_F32_COPIES + e)
     mlp = tokens * args.intermediate_size * e * MLP_COPIES

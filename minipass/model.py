@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -126,41 +126,92 @@ def cache_index(cache_seqlens: Tensor, T: int, n_kv_heads: int, S: int) -> Tenso
     return (base[:, :, None] + slots[:, None, :]).reshape(-1)  # (B * H_kv * T,), ordered (b, h, t)
 
 
-def attention_bias(cache_seqlens: Tensor, mask: Optional[Tensor], T: int, kv_len: int) -> Tensor:
-    """The (B, T, kv_len) additive float32 mask the torch path uses: 0 where a new token attends (the cached prefix
-    and `mask` among the new tokens), -inf elsewhere.
+RECENT = 16  # the position-aligned split of a row's sums over the cache: see Layout
 
-    Built once per forward and read by every layer: the new tokens' part is scattered into slots L_b .. L_b + T - 1
-    of a buffer. (Written as a gather over the slots instead, torch.compile inlines it and recomputes it inside each
-    layer's softmax, three indirect loads per score.) Additive and float, because adding 0 leaves a score exactly as
-    it is, and a compiled CPU kernel adds floats at full vector width where it selects on booleans element by
-    element."""
+
+class Layout(NamedTuple):
+    """How the torch path attends over the cache: built once per forward by `attention_layout`, read by every layer.
+
+    Calls of at most 2 * RECENT new tokens (every decoding call) attend so that a token's attention has the bits of
+    the one-token call an autoregressive decode makes at its position, whatever the width of its call and wherever
+    its ancestors sit among the new tokens (a tree node's have their siblings in between). A reduction's grouping
+    follows the slot index (the softmax's vectorised sum; the product with V adds neighbouring slots in pairs), so
+    the same terms at other slots can round to other bits. So each row at position p splits its sums over the slots
+    at cut = RECENT * (p // RECENT) - RECENT (at least 0), a function of p alone, below which every slot is committed
+    in any call at p whose row is less than RECENT tokens deep (p - L_b < RECENT): the slots below the cut are summed
+    where they are, in one product for all rows; the 2 * RECENT slots from the cut on, which hold the row's last keys
+    up to itself, are gathered per row in the order an autoregressive decode holds them (the committed slots, then
+    the new tokens the row attends to, in call order) and summed apart (tests/test_model.py). A row deeper than that
+    (a chain of RECENT or more new tokens) cuts at L_b instead: still exact attention, without the guarantee.
+    recent: (cut, keys, valid): cut (B, 1, 1, T, 1); keys (B, 1, T * 2 * RECENT, 1), the cache slot of each
+      gathered key, row by row; valid (B, 1, 1, T, 2 * RECENT), whether the row attends to it (up to itself).
+    bias: for wider calls (a prefill), which sum over the slots in one product, the (B, T, S) additive float32 mask,
+      0 where a new token attends, -inf elsewhere (additive and float: adding 0 leaves a score exactly as it is, and
+      a compiled CPU kernel adds floats at full vector width where it selects on booleans element by element)."""
+    recent: Optional[tuple]
+    bias: Optional[Tensor]
+
+
+def attention_layout(cache_seqlens: Tensor, mask: Optional[Tensor], T: int, kv_len: int) -> Layout:
+    """The Layout of a call of T new tokens per row, cache lengths `cache_seqlens` (B,), mask (T, T) or (B, T, T) or
+    None (causal) among the new tokens, attending over `kv_len` cache slots.
+
+    Its tensors end in a scatter or a sort, which a compiled step computes once per forward and every layer reads: a
+    pointwise expression would be inlined into every layer's kernels and recomputed there (measured: the default
+    model's tree step 1.2x slower)."""
     B, device = cache_seqlens.shape[0], cache_seqlens.device
+    pos = torch.arange(T, device=device)
+    base = cache_seqlens[:, None]  # (B, 1)
     if mask is None:
         mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    mask = mask.expand(B, T, T)
     ninf = torch.tensor(float("-inf"), device=device)
-    prefix = torch.arange(kv_len, device=device)[None, :] < cache_seqlens[:, None]  # (B, S): committed slots
-    slots = (cache_seqlens[:, None] + torch.arange(T, device=device))[:, None, :].expand(B, T, T)
-    return torch.where(prefix, 0.0, ninf)[:, None, :].expand(B, T, kv_len).scatter(
-        2, slots, torch.where(mask, 0.0, ninf).expand(B, T, T))
+    prefix = torch.where(torch.arange(kv_len, device=device) < base, 0.0, ninf)[:, None, :].expand(B, T, kv_len)
+    if T > 2 * RECENT:  # the committed prefix, and the new tokens of each row's mask row
+        return Layout(None, prefix.scatter(2, (base + pos)[:, None, :].expand(B, T, T), torch.where(mask, 0.0, ninf)))
+    p = base + mask.sum(-1) - 1  # (B, T): each row's position
+    cut = torch.minimum((p // RECENT * RECENT - RECENT).clamp(min=0), base)
+    win = cut[:, :, None] + torch.arange(2 * RECENT, device=device)  # (B, T, 2R): slots cut .. cut + 2R - 1
+    # A row's keys from the cut on, in decoding order, are the slots it attends to there in increasing order: the
+    # committed ones, then the new tokens of its mask row (a tree node's ancestors come before it in the call).
+    big = kv_len + T  # past every slot: sorts last
+    slots = torch.cat([torch.where(win < base[:, :, None], win, big),
+                       torch.where(mask, (base + pos)[:, None, :], big)], dim=2)  # (B, T, 2R + T)
+    keys = torch.sort(slots, dim=-1).values[:, :, : 2 * RECENT]
+    late = torch.where(keys < big, 0.0, ninf)  # (B, T, 2R): up to the row itself
+    early = prefix.scatter(2, win.clamp(max=kv_len - 1), ninf.expand(B, T, 2 * RECENT))  # (B, T, S): below the cut
+    return Layout((early[:, None, None], keys.clamp(max=kv_len - 1).view(B, 1, -1, 1), late[:, None, None]), None)
 
 
-def attention_torch(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-    """Softmax attention with an additive mask, grouped-query aware, for any device.
+def attention_torch(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
+    """Softmax attention over a cache laid out as `layout` says (see Layout), grouped-query aware, for any device.
 
-    q: (B, Hq, T, D); k, v: (B, H_kv, S, D); bias: (B, T, S) float32, 0 or -inf (see attention_bias). The G = Hq /
-    H_kv query heads that share a KV head are stacked into one (G*T, D) matrix, so each KV head is read once and no
-    K/V copy is made. Decoding shapes (a few new tokens) are where this matters; every query row sees at least
-    itself, so no row is empty.
+    q: (B, Hq, T, D); k, v: (B, H_kv, S, D). The G = Hq / H_kv query heads that share a KV head are stacked into one
+    (G*T, D) matrix, so each KV head is read once and no K/V copy is made. Decoding shapes (a few new tokens) are
+    where this matters; every query row sees at least itself, so no row is empty.
     """
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     qg = q.reshape(B, Hkv, G * T, D)  # head h = kv_head * G + g
-    scores = (qg @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))  # (B, H_kv, G*T, S)
-    scores = scores.view(B, Hkv, G, T, S) + bias[:, None, None]
-    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, Hkv, G * T, S)
-    return (probs @ v).view(B, Hq, T, D)
+    scores = (qg @ k.transpose(-1, -2)).float().view(B, Hkv, G, T, S) * (1.0 / math.sqrt(D))
+    if layout.recent is None:  # one softmax and one product over the slots, where the keys are
+        probs = torch.softmax(scores + layout.bias[:, None, None], dim=-1)
+        return (probs.to(v.dtype).view(B, Hkv, G * T, S) @ v).view(B, Hq, T, D)
+    early_bias, keys, late_bias = layout.recent
+    R = late_bias.shape[-1]
+    # Below the cut, the slots where they are; from it, each row's last keys gathered in decoding order.
+    early = scores + early_bias  # (B, H_kv, G, T, S)
+    late = scores.gather(-1, keys.view(B, 1, 1, T, R).expand(B, Hkv, G, T, R)) + late_bias  # (B, H_kv, G, T, 2R)
+    top = torch.maximum(early.amax(-1, keepdim=True), late.amax(-1, keepdim=True))
+    early, late = torch.exp(early - top), torch.exp(late - top)
+    total = early.sum(-1, keepdim=True) + late.sum(-1, keepdim=True)
+    y = (early / total).to(v.dtype).view(B, Hkv, G * T, S) @ v  # (B, H_kv, G*T, D)
+    # Per row, its own keys: a product over its 2R gathered rows of V, in fp32 (on a CPU, MKL's small fp32 products
+    # cost a fifth of oneDNN's bf16 ones, whose per-call set-up dominates at these sizes).
+    v_late = v.gather(2, keys.expand(B, Hkv, T * R, D)).view(B, Hkv, T, R, D).float()
+    y_late = (late / total).transpose(2, 3) @ v_late  # (B, H_kv, T, G, D)
+    return (y.view(B, Hkv, G, T, D).float() + y_late.transpose(2, 3)).to(v.dtype).view(B, Hq, T, D)
 
 
 class Attention(nn.Module):
@@ -178,7 +229,7 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, write_rows: Tensor, cache_seqlens: Tensor,
-                mask: Optional[Tensor], attn_bias: Optional[Tensor], kv_len: int) -> Tensor:
+                mask: Optional[Tensor], layout: Optional[Layout], kv_len: int) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -187,10 +238,10 @@ class Attention(nn.Module):
         self.kv_cache.write(k, v, write_rows)
 
         q = q.transpose(1, 2)  # (B, Hq, T, D)
-        if attn_bias is None:  # Triton path: the kernel reads the cache and the new-token mask directly
+        if layout is None:  # Triton path: the kernel reads the cache and the new-token mask directly
             y = triton_attention(q, self.kv_cache.k, self.kv_cache.v, cache_seqlens, mask, check_values=False)
         else:
-            y = attention_torch(q, self.kv_cache.k[:, :, :kv_len], self.kv_cache.v[:, :, :kv_len], attn_bias)
+            y = attention_torch(q, self.kv_cache.k[:, :, :kv_len], self.kv_cache.v[:, :, :kv_len], layout)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return all_reduce(self.o_proj(y), self.group)  # the heads of every rank
 
@@ -353,13 +404,13 @@ class Transformer(nn.Module):
         write_rows = cache_index(cache_seqlens, T, self.layers[0].self_attn.n_kv_heads, self.cache_len) \
             + self.kv_row_offsets
         kv_len = self.cache_len if kv_len is None else kv_len
-        attn_bias = None
+        layout = None
         if not self.use_triton:
-            attn_bias = attention_bias(cache_seqlens, mask, T, kv_len)  # built once, shared by every layer
+            layout = attention_layout(cache_seqlens, mask, T, kv_len)  # built once, shared by every layer
         for i, layer in enumerate(self.layers):
             if layer_adds is not None and i > 0:
                 x = x + layer_adds[i - 1]
-            x = layer(x, cos, sin, write_rows[i], cache_seqlens, mask, attn_bias, kv_len)
+            x = layer(x, cos, sin, write_rows[i], cache_seqlens, mask, layout, kv_len)
         if logits_index is not None:
             x = x.gather(1, logits_index[:, :, None].expand(-1, -1, x.shape[-1]))
         x = self.norm(x)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from minipass.config import ModelArgs
-from minipass.model import attention_bias, attention_torch
+from minipass.model import attention_layout, attention_torch
 from tests.util import tiny_model
 
 CONFIGS = ["tiny", "tiny-untied-mha", "tiny-llama3"]
@@ -80,18 +80,27 @@ def test_mask_among_new_tokens_is_metamorphic():
         torch.testing.assert_close(logits[i], ref, atol=1e-5, rtol=1e-5)
 
 
-def test_attention_bias_layout():
-    # Row 0 has 2 cached tokens, row 1 none; 3 new tokens with a custom mask for row 0 and causal for row 1.
-    seqlens = torch.tensor([2, 0])
-    m = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 1]], dtype=torch.bool)
+def test_attention_layout_gathers_each_rows_last_keys_in_decoding_order():
+    # Row 0 has 70 cached tokens and a tree mask (new token 2 sees 0 and itself, not its sibling 1); row 1 has none
+    # and is causal. A row at position p sums the slots below cut = 16 * (p // 16) - 16 where they are, and its
+    # last keys from the cut on gathered in the order a one-token call at p holds them: the committed slots, then
+    # its attended new tokens.
+    seqlens = torch.tensor([70, 0])
+    m = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
     causal = torch.tril(torch.ones(3, 3, dtype=torch.bool))
-    bias = attention_bias(seqlens, torch.stack([m, causal]), 3, 6)
-    assert bias.dtype == torch.float32 and set(bias.unique().tolist()) == {0.0, float("-inf")}
-    full = bias == 0
-    expect0 = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 0, 1, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
-    expect1 = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
-    assert torch.equal(full[0], expect0) and torch.equal(full[1], expect1)
-    assert torch.equal(attention_bias(seqlens, None, 3, 6)[1] == 0, expect1)
+    layout = attention_layout(seqlens, torch.stack([m, causal]), 3, 200)
+    assert layout.bias is None
+    early, keys, late = layout.recent
+    early, keys, late = early.view(2, 3, 200) == 0, keys.view(2, 3, 32), late.view(2, 3, 32) == 0
+    assert early.sum(-1).tolist() == [[48] * 3, [0] * 3]  # positions 70, 71, 71: cut 48; positions 0, 1, 2: cut 0
+    assert torch.equal(early, torch.arange(200) < early.sum(-1, keepdim=True))  # the slots below the cut
+    assert late.sum(-1).tolist() == [[23, 24, 24], [1, 2, 3]]  # from the cut up to the row itself
+    assert torch.equal(late, torch.arange(32) < late.sum(-1, keepdim=True))
+    assert keys[0, 2, :24].tolist() == list(range(48, 70)) + [70, 72]  # new token 2 after its parent: 71 skipped
+    assert keys[0, 1, :24].tolist() == list(range(48, 72))
+    assert keys[1, 2, :3].tolist() == [0, 1, 2]
+    wide = attention_layout(seqlens, None, 33, 200)  # wider calls (a prefill): one mask over the slots
+    assert wide.recent is None and torch.equal(wide.bias[1] == 0, torch.ones(33, 200, dtype=torch.bool).tril())
 
 
 def test_attention_row_does_not_depend_on_the_call_width():
@@ -101,12 +110,44 @@ def test_attention_row_does_not_depend_on_the_call_width():
     W, L, S = 17, 300, 512
     q = torch.randn(1, 9, W, 64, dtype=torch.bfloat16)
     k, v = (torch.randn(1, 3, S, 64, dtype=torch.bfloat16) for _ in range(2))
-    bias = attention_bias(torch.tensor([L]), None, W, S).to(torch.bfloat16)
-    wide = attention_torch(q, k, v, bias)
+    wide = attention_torch(q, k, v, attention_layout(torch.tensor([L]), None, W, S))
     for T in (1, 2, 5):
         for t in range(0, W - T + 1, T):
-            narrow = attention_torch(q[:, :, t:t + T], k, v, bias[:, t:t + T])
+            narrow = attention_torch(q[:, :, t:t + T], k, v, attention_layout(torch.tensor([L + t]), None, T, S))
             assert torch.equal(narrow, wide[:, :, t:t + T]), (T, t)
+
+
+def random_tree_mask(T: int, g: torch.Generator) -> torch.Tensor:
+    """The ancestor mask (T, T) of a random tree over T nodes in topological order (node 0 the root)."""
+    mask = torch.eye(T, dtype=torch.bool)
+    for i in range(1, T):
+        mask[i] |= mask[int(torch.randint(0, i, (1,), generator=g))]
+    return mask
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tree_attention_row_is_the_one_token_calls(dtype):
+    # A tree node's attention output has the bits of the one-token call an autoregressive decode makes at its
+    # position, whose cache holds the node's ancestors at consecutive slots: the keys of a tree row are packed
+    # (attention_layout). Without the packing, the softmax's sum groups the same terms differently and 1-ulp
+    # differences appear (in this test, in most trees).
+    g = torch.Generator().manual_seed(0)
+    S, Hq, Hkv, D, T = 512, 9, 3, 64, 25
+    for trial in range(6):
+        B = 2
+        L = torch.randint(1, S - 2 * T, (B,), generator=g)
+        mask = torch.stack([random_tree_mask(T, g) for _ in range(B)])
+        q = torch.randn(B, Hq, T, D, generator=g).to(dtype)
+        k, v = (torch.randn(B, Hkv, S, D, generator=g).to(dtype) * 2 for _ in range(2))
+        out = attention_torch(q, k, v, attention_layout(L, mask, T, S))
+        for b in range(B):
+            for i in range(T):
+                path = mask[b, i].nonzero()[:, 0]  # the node's ancestors and itself, in call order = by depth
+                n = int(L[b]) + len(path)  # the one-token call's committed length, itself included
+                kc, vc = k[b:b + 1].clone(), v[b:b + 1].clone()
+                kc[:, :, int(L[b]):n], vc[:, :, int(L[b]):n] = k[b:b + 1, :, L[b] + path], v[b:b + 1, :, L[b] + path]
+                one = attention_torch(q[b:b + 1, :, i:i + 1], kc, vc, attention_layout(torch.tensor([n - 1]), None, 1, S))
+                assert torch.equal(one[0, :, 0], out[b, :, i]), (trial, b, i)
 
 
 def test_llama3_rope_scaling_changes_only_low_frequencies():
@@ -129,3 +170,62 @@ def test_logits_index_selects_positions():
     out = model(x, input_pos=torch.arange(12).expand(2, -1), cache_seqlens=torch.zeros(2, dtype=torch.long),
                 logits_index=idx)
     torch.testing.assert_close(out[:, 0], ref[[11, 3]], atol=1e-5, rtol=1e-5)
+
+
+def tree_vs_one_token_calls(model, forward, mask, g):
+    """Logits of a T-token call whose new tokens form the tree of `mask` (T, T) after a ragged prefix of 2 rows,
+    and the logits of the same tokens from one-token calls down each node's path (an autoregressive decode): a list
+    of (b, node, call's logits, one-token call's logits)."""
+    B, T, V = 2, mask.shape[0], model.args.vocab_size
+    lens = [21, 40]
+    prefix = torch.randint(0, V, (B, max(lens)), generator=g)
+    new = torch.randint(0, V, (B, T), generator=g)
+    depth = mask.sum(-1) - 1
+    model.setup_caches(B, 128)
+
+    def prefill(rows):
+        model.kv_store.zero_()
+        model(prefix[rows], input_pos=torch.arange(max(lens)).expand(len(rows), -1),
+              cache_seqlens=torch.zeros(len(rows), dtype=torch.long))
+
+    L = torch.tensor(lens)
+    prefill([0, 1])
+    wide = forward(model, new, L[:, None] + depth, L, mask.expand(B, T, T))
+    out = []
+    for b in range(B):
+        for i in range(T):
+            path = mask[i].nonzero()[:, 0]  # ancestors and the node, in call order = by depth
+            prefill([b, b])
+            for d, j in enumerate(path.tolist()):
+                seq = torch.tensor([lens[b] + d] * 2)
+                one = forward(model, new[[b, b], j:j + 1], seq[:, None], seq, torch.ones(B, 1, 1, dtype=torch.bool))
+            out.append((b, i, wide[b, i], one[0, 0]))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_tree_logits_are_the_one_token_calls(dtype, compiled):
+    """A tree call's logits at every node are bit for bit those of the one-token calls an autoregressive decode
+    makes down the node's path, eager and compiled with the CPU options of the decoding steps: what makes greedy
+    tree decoding token-identical to AR in any dtype. A causal chain in a call of the same width is checked first:
+    if the machine's matrix products round a row differently by the number of rows, no layout can help, and the
+    test says so instead of failing."""
+    from minipass.decoding import compile_fn
+
+    model = tiny_model("tiny", dtype=dtype)
+
+    def fwd(m, tokens, pos, seq, mask):
+        return m(tokens, input_pos=pos, cache_seqlens=seq, mask=mask)
+
+    torch._dynamo.reset()  # a frozen graph of an earlier model could pass the guards of this one
+    forward = compile_fn(fwd, torch.device("cpu")) if compiled else fwd
+    g = torch.Generator().manual_seed(4)
+    T = 13
+    with torch.no_grad():
+        chain = tree_vs_one_token_calls(model, forward, torch.ones(T, T, dtype=torch.bool).tril(), g)
+        if not all(torch.equal(a, b) for _, _, a, b in chain):
+            pytest.skip(f"this CPU's {dtype} products give a row other bits in a {T}-row call than alone")
+        trees = [tree_vs_one_token_calls(model, forward, random_tree_mask(T, g), g) for _ in range(3)]
+    differ = [(b, i) for tree in trees for b, i, a, ref in tree if not torch.equal(a, ref)]
+    assert not differ, f"nodes whose logits differ from the one-token calls': {differ}"
