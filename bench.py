@@ -42,7 +42,7 @@ import torch
 from minipass.cli import add_decoding_args, add_model_args, decoder_options, run_cli
 from minipass.data import humaneval_prompts, jsonl_prompts, sharegpt_prompts
 from minipass.decoders import LOOKAHEAD_MODES, MODES, lookahead_for, make_decoder
-from minipass.decoding import DecodeStats, SamplingParams, compile_fn, steady_guards
+from minipass.decoding import CACHE_ROUNDING, DecodeStats, SamplingParams, compile_fn, steady_guards
 from minipass.distributed import default_group, init_from_env, rank
 from minipass.errors import MinipassError
 from minipass.loading import load_checkpoint
@@ -214,13 +214,21 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def cost_curve(model, widths, batch: int, context: int, compile) -> dict:
+def cost_curve(model, widths, batch: int, context: int, compile, cache_len: int = 0) -> dict:
     """Seconds per forward of T new tokens (causal) per row after `context` cached tokens, for each T in widths:
     the median of 7 calls after 2 warm-ups, compiled like the decoding steps when `compile` is set (and then timed
-    with the guard checks of a decode's later steps, `decoding.steady_guards`)."""
+    with the guard checks of a decode's later steps, `decoding.steady_guards`).
+
+    A compiled call attends over the whole cache, so its attention costs what the cache's length says: pass the
+    decodes' `cache_len` for a curve that prices their calls (the least length that fits is used otherwise).
+
+    Every width is compiled and warmed up first; the timed calls then come in 7 rounds, one call of each width per
+    round in an order rotated from round to round, so a slow period of a shared machine lands on every width alike
+    instead of on the one being measured (the curve is read relative to t(1): one slow width-1 block would make
+    every wider call look cheap)."""
     device = model.embed_tokens.weight.device
     g = torch.Generator().manual_seed(0)
-    model.setup_caches(batch, context + max(widths) + 1)
+    model.setup_caches(batch, max(cache_len, context + max(widths) + 1))
     ids = torch.randint(0, model.args.vocab_size, (batch, context + max(widths)), generator=g).to(device)
     zeros = torch.zeros(batch, dtype=torch.long, device=device)
     seq = torch.full((batch,), context, device=device)
@@ -231,26 +239,27 @@ def cost_curve(model, widths, batch: int, context: int, compile) -> dict:
     def forward(m, tokens, pos, seqlens):
         return m(tokens, input_pos=pos, cache_seqlens=seqlens)
 
-    out = {}
-    for T in widths:
-        fn = forward
-        if compile:
-            fn = compile_fn(forward, device, None if compile is True else dict(compile))
-        tokens = ids[:, context: context + T]
-        pos = seq[:, None] + torch.arange(T, device=device)
-        times = []
-        with torch.no_grad():
-            for i in range(9):
+    calls = {}
+    with torch.no_grad():
+        for T in widths:
+            fn = forward
+            if compile:
+                fn = compile_fn(forward, device, None if compile is True else dict(compile))
+            calls[T] = (fn, ids[:, context: context + T], seq[:, None] + torch.arange(T, device=device))
+            for _ in range(2):
+                calls[T][0](model, calls[T][1], calls[T][2], seq)
+    widths = list(widths)
+    times = {T: [] for T in widths}
+    with torch.no_grad(), steady_guards() if compile else contextlib.nullcontext():
+        for r in range(7):
+            for T in widths[r % len(widths):] + widths[:r % len(widths)]:
+                fn, tokens, pos = calls[T]
                 sync(device)
                 t0 = time.perf_counter()
-                # after two calls, with the guard checks of a decode's steps (decoding.run)
-                with steady_guards() if compile and i >= 2 else contextlib.nullcontext():
-                    fn(model, tokens, pos, seq)
+                fn(model, tokens, pos, seq)
                 sync(device)
-                if i >= 2:
-                    times.append(time.perf_counter() - t0)
-        out[T] = statistics.median(times)
-    return out
+                times[T].append(time.perf_counter() - t0)
+    return {T: statistics.median(times[T]) for T in widths}
 
 
 def envelope(curve: dict) -> dict:
@@ -506,8 +515,14 @@ def bench(args: argparse.Namespace) -> None:
     gb = weight_bytes(model) / 1e9
     bound = bandwidth / gb * args.batch_size  # tokens/s if a step cost exactly one read of the weights
     context = int(statistics.median(len(p) for _, ps in datasets for p in ps)) + args.max_new_tokens // 2
+    # Every decode below gets one cache length, and the curve is measured at it: the attention of a compiled call
+    # spans the whole cache, and at the curve's context alone a wide call's attention would look cheaper than in
+    # the decodes.
+    longest = max(len(p) for _, ps in datasets for p in ps)
+    cache_len = longest + args.max_new_tokens + max(widths)
+    cache_len = curve_cache = min(model.args.max_seq_len, cache_len + (-cache_len) % CACHE_ROUNDING)
     t_curve = time.perf_counter()
-    curve = cost_curve(model, widths, args.batch_size, context, compile_)
+    curve = cost_curve(model, widths, args.batch_size, context, compile_, curve_cache)
     curve_s = time.perf_counter() - t_curve
     used = envelope(curve)  # what the sizing and the model_cost column read
     t_of = interpolate(used)
@@ -567,8 +582,7 @@ def bench(args: argparse.Namespace) -> None:
                         group.append(Config(name, sampling, label, 0, hf_decoder(ckpt, dtype, device, lookup)))
                         specs.append(None)
             groups.append((prompts, group))
-    longest = max(len(p) for _, ps in datasets for p in ps)
-    cache_len = longest + args.max_new_tokens + max(cfg.width for _, g in groups for cfg in g)
+    cache_len = max(cache_len, longest + args.max_new_tokens + max(cfg.width for _, g in groups for cfg in g))
     configs = [cfg for _, g in groups for cfg in g]
     for cfg, spec in zip(configs, specs):
         if spec is not None:
@@ -645,8 +659,8 @@ def bench(args: argparse.Namespace) -> None:
     print(f"ceiling: memory read bandwidth {bandwidth:.1f} GB/s (best of 5 sums of 1 GB) / {gb:.3f} GB of weights = "
           f"{bound:.1f} tokens/s if a step only read the weights once; ar reaches "
           + ", ".join(f"{r['tokens_per_s']:.1f} ({100 * r['share_of_bound']:.0f}%)" for r in ar_runs))
-    print(f"cost curve (one forward of T new tokens per row at {context} cached tokens, "
-          f"{'compiled' if compile_ else 'eager'}, median of 7): " +
+    print(f"cost curve (one forward of T new tokens per row at {context} cached tokens in a {curve_cache}-slot cache, "
+          f"{'compiled' if compile_ else 'eager'}, median of 7 interleaved rounds): " +
           "  ".join(f"T={T}: {1e3 * t:.1f} ms ({t / curve[1]:.2f}x)" for T, t in curve.items()))
     if used != curve:
         print("  read as non-decreasing in T (a narrower call can run as a wider one): " +
@@ -680,7 +694,7 @@ def bench(args: argparse.Namespace) -> None:
                "bound_tokens_per_s": round(bound, 2),
                "cost_curve": {str(T): {"ms": round(1e3 * t, 3), "vs_t1": round(t / curve[1], 4),
                                       "used_ms": round(1e3 * used[T], 3)} for T, t in curve.items()},
-               "cost_curve_context": context, "cost_curve_s": round(curve_s, 1),
+               "cost_curve_context": context, "cost_curve_cache_len": curve_cache, "cost_curve_s": round(curve_s, 1),
                "sizing": sizing_report, "unstable": [r["mode"] for r in unstable], "round_log": round_log,
                "runs": runs}
         tmp = Path(args.json).with_name(Path(args.json).name + ".tmp")
