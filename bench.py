@@ -239,16 +239,14 @@ def cost_curve(model, widths, batch: int, context: int, compile, cache_len: int 
     def forward(m, tokens, pos, seqlens):
         return m(tokens, input_pos=pos, cache_seqlens=seqlens)
 
-    calls = {}
+    widths, calls = list(widths), {}
     with torch.no_grad():
         for T in widths:
-            fn = forward
-            if compile:
-                fn = compile_fn(forward, device, None if compile is True else dict(compile))
-            calls[T] = (fn, ids[:, context: context + T], seq[:, None] + torch.arange(T, device=device))
-            for _ in range(2):
-                calls[T][0](model, calls[T][1], calls[T][2], seq)
-    widths = list(widths)
+            fn = compile_fn(forward, device, None if compile is True else dict(compile)) if compile else forward
+            tokens, pos = ids[:, context: context + T], seq[:, None] + torch.arange(T, device=device)
+            for _ in range(2):  # compiles, then runs once more
+                fn(model, tokens, pos, seq)
+            calls[T] = (fn, tokens, pos)
     times = {T: [] for T in widths}
     with torch.no_grad(), steady_guards() if compile else contextlib.nullcontext():
         for r in range(7):
