@@ -522,6 +522,10 @@ def bench(args: argparse.Namespace) -> None:
     t_curve = time.perf_counter()
     curve = cost_curve(model, widths, args.batch_size, context, compile_, curve_cache)
     curve_s = time.perf_counter() - t_curve
+    if default_group() is not None:  # under torchrun every rank sizes its trees from rank 0's curve: the ranks of
+        box = [curve]  # one model must make calls of the same widths
+        torch.distributed.broadcast_object_list(box, src=0, group=default_group())
+        curve = box[0]
     used = envelope(curve)  # what the sizing and the model_cost column read
     t_of = interpolate(used)
     cost_of = lambda T: t_of(T) / used[1]  # noqa: E731
