@@ -42,7 +42,8 @@ import torch
 from minipass.cli import add_decoding_args, add_model_args, decoder_options, run_cli
 from minipass.data import humaneval_prompts, jsonl_prompts, sharegpt_prompts
 from minipass.decoders import LOOKAHEAD_MODES, MODES, lookahead_for, make_decoder
-from minipass.decoding import CACHE_ROUNDING, DecodeStats, SamplingParams, compile_fn, steady_guards
+from minipass.decoding import (CACHE_ROUNDING, PREFILL_ROUNDING, DecodeStats, SamplingParams, compile_fn,
+                               steady_guards)
 from minipass.distributed import default_group, init_from_env, rank
 from minipass.errors import MinipassError
 from minipass.loading import load_checkpoint
@@ -559,18 +560,19 @@ def bench(args: argparse.Namespace) -> None:
                         if nodes is None:
                             plan = sizing.size_tree(model, la, sampling, name, tok, t_of, base_tree=opts.tree,
                                                     num_prompts=args.calibration_prompts,
-                                                    max_new_tokens=args.max_new_tokens, quiet=False)
-                            tree = plan.tree
+                                                    max_new_tokens=args.max_new_tokens, quiet=False,
+                                                    widths=sorted(used))
+                            tree, Lt = plan.tree, plan.lookahead  # the first Lt look-ahead tokens
                             sizing_report.append({"dataset": name, "setting": setting_label(
                                 {"temperature": sampling.temperature, "top_k": sampling.top_k,
                                  "top_p": sampling.top_p}), "L": L, **plan.report})
                         else:
-                            tree = replace(opts.tree, nodes=nodes)
+                            tree, Lt = replace(opts.tree, nodes=nodes), L
                         M = tree.blocks
-                        group.append(Config(name, sampling, m, L, None, label=label, width=1 + tree.nodes + M * L,
+                        group.append(Config(name, sampling, m, Lt, None, label=label, width=1 + tree.nodes + M * Lt,
                                             sizes={"nodes": tree.nodes, "blocks": M,
                                                    "calibrated": tree.calibrated is not None}))
-                        specs.append((m, replace(opts, tree=tree), la))
+                        specs.append((m, replace(opts, tree=tree), la[..., :Lt, :].contiguous()))
             if args.peer:
                 try:
                     from minipass.hf import import_transformers
@@ -601,6 +603,15 @@ def bench(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             cfg.decode(model, [longest] * min(args.batch_size, len(prompts)), min(16, args.max_new_tokens),
                        cfg.sampling, seeds=list(range(min(args.batch_size, len(prompts)))), stop_ids=tok.eos_ids)
+            if cfg is group[0] and compile_ and device.type == "cpu":
+                # A compiled CPU prefill compiles once per width bucket (decoding.start), shared by every
+                # configuration (one cache length): each bucket the prompts fall in is compiled here, not in a round.
+                buckets = {}
+                for i in range(0, len(prompts), args.batch_size):  # the batches run_config makes
+                    batch = prompts[i:i + args.batch_size]
+                    buckets.setdefault((len(batch), -(-(max(map(len, batch)) - 1) // PREFILL_ROUNDING)), batch)
+                for batch in buckets.values():
+                    cfg.decode(model, batch, 1, cfg.sampling, stop_ids=tok.eos_ids)
             cfg.warmup_s = time.perf_counter() - t0
             progress.step(f"warm-up {cfg.dataset} {cfg.label or cfg.mode} L={cfg.L} T={cfg.sampling.temperature:g}")
     # The rounds. On a CPU with no --threads, each round runs on the cores other processes leave free; a round during

@@ -103,7 +103,8 @@ def pass_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_to
     per-layer additions (lookahead.py)."""
     L = num_lookahead(model, lookahead)
     t0 = clock(model)
-    st = start(model, prompts, max_new_tokens, seeds, stop_ids, width=L + 1, draft_positions=L, cache_len=cache_len)
+    st = start(model, prompts, max_new_tokens, seeds, stop_ids, width=L + 1, draft_positions=L, cache_len=cache_len,
+               compile=compile)
     la, adds = lookahead_inputs(lookahead, 1, 1, len(prompts))  # (B, L, dim), per-layer additions or None
     step = step_for(partial(_with_inputs, pass_step, sampling=sampling, la=la, adds=adds),
                     ("pass", sampling, L, _tensor_key(lookahead), len(prompts)), model, compile)
@@ -198,7 +199,7 @@ def pass1_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_t
     layout = Pass1Layout(L, range(n_points), model.embed_tokens.weight.device)
     t0 = clock(model)
     st = start(model, prompts, max_new_tokens, seeds, stop_ids, width=layout.T, draft_positions=L,
-               cache_len=cache_len)
+               cache_len=cache_len, compile=compile)
     B, dev = len(prompts), st["seqlens"].device
     la, adds = lookahead_inputs(lookahead, n_points, L + 1, B)  # (B, n_points * L, dim), additions
     st["drafts"] = torch.zeros(B, L, dtype=torch.long, device=dev)

@@ -21,7 +21,8 @@ A call of width T = 1 + N + M L costs t(T); it emits 1 + (accepted nodes) tokens
    continues with, which is exactly what verification does (greedy: by construction; sampling: the emitted tokens
    are distributed as the sequence's, and a child is accepted iff the emitted token is its token), seeds the next
    call with the look-ahead of the block after the path's end if that node has one, and moves on. The chosen
-   candidate maximises replayed tokens per call / t(1 + N + M L).
+   candidate maximises replayed tokens per call / t(1 + N + M L). Candidates fill the widths the cost curve
+   measured (`candidates`), and every look-ahead length up to the given one is tried (`size_tree`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -52,11 +53,18 @@ class Calibration:
     top_probs: list  # per sequence: {anchor a: (L, k) probabilities}
     seconds: float = 0.0
 
+    def truncated(self, L: int) -> "Calibration":
+        """The calibration of the first L look-ahead tokens: look-ahead token k attends only to the tokens before
+        it, so the first L of a longer block draft exactly what a block of L would (lookahead.py)."""
+        cut = lambda per_seq: [{a: v[:L] for a, v in d.items()} for d in per_seq]  # noqa: E731
+        return Calibration(self.sequences, self.starts, cut(self.top_tokens), cut(self.top_probs), self.seconds)
+
 
 @dataclass
 class Plan:
     tree: TreeConfig
     report: dict = field(default_factory=dict)
+    lookahead: int = 0  # L: the first L look-ahead tokens of the block are the tree's (0: none)
 
 
 def calibration_prompts(dataset: str, tok, n: int) -> list:
@@ -184,48 +192,64 @@ def replay(cal: Calibration, cfg: TreeConfig, L: int) -> float:
     return emitted / max(calls, 1)
 
 
-def candidates(base: TreeConfig, cal: Calibration, L: int) -> list:
-    """Tree configurations to replay: every budget, one or two look-ahead blocks, per-call or calibrated scores."""
+def candidates(base: TreeConfig, cal: Calibration, L: int, widths: Optional[Sequence[int]] = None) -> list:
+    """Tree configurations to replay: one or two look-ahead blocks, per-call or calibrated scores, and every budget
+    N in BUDGETS, or, given `widths`, the budgets whose calls are exactly those widths (N = W - 1 - M L >= 1).
+
+    A call's cost need not be smooth in its width: a CPU's matrix products run in blocks of rows (AMX tiles hold 16),
+    and the default model's 17-wide tree step measured 1.46x an AR step where the 16-wide one measured 1.30x. So
+    the budgets are fitted to the widths the cost curve measured, and never priced by interpolating across a step."""
     tables = acceptance_tables(cal, base, L)
+    blocks = (1, 2) if L and base.blocks else (0,)
+    if widths is None:
+        sizes = [(N, M) for N in BUDGETS for M in blocks]
+    else:
+        sizes = [(W - 1 - M * L, M) for W in sorted(set(widths)) for M in blocks if W - 1 - M * L >= 1]
     out = []
-    for N in BUDGETS:
-        for M in ((1, 2) if L and base.blocks else (0,)):
-            for calibrated in (None, tables):
-                out.append(replace(base, nodes=N, blocks=M if L else base.blocks, calibrated=calibrated))
+    for N, M in sizes:
+        for calibrated in (None, tables):
+            out.append(replace(base, nodes=N, blocks=M if L else base.blocks, calibrated=calibrated))
     return out
 
 
 def size_tree(model: Transformer, lookahead: Optional[Tensor], sampling: SamplingParams, dataset: str, tok,
               t_of: Callable[[int], float], base_tree: TreeConfig = TreeConfig(), num_prompts: int = 6,
-              max_new_tokens: int = 64, quiet: bool = True) -> Plan:
-    """The tree (budget, blocks, scoring) with the most replayed tokens per call / t(width) (module docstring)."""
+              max_new_tokens: int = 64, quiet: bool = True, widths: Optional[Sequence[int]] = None) -> Plan:
+    """The tree (budget, blocks, scoring, look-ahead length) with the most replayed tokens per call / t(width)
+    (module docstring). widths: the call widths t_of was measured at; the candidates then fill them exactly (see
+    `candidates`). Every look-ahead length up to the tensor's L is a candidate (Plan.lookahead): a block's later
+    tokens draft worse than its first ones, so at a given width a shorter block leaves room for more nodes (the
+    default model's ShareGPT calibration, 8 wide: 1.62 replayed tokens per call with 1 look-ahead token, 1.50 with
+    4)."""
     L = 0 if lookahead is None else lookahead.shape[-2]
-    width = 1 + max(BUDGETS) + 2 * L
+    width = max(widths) if widths else 1 + max(BUDGETS) + 2 * L
     prompts = fit(calibration_prompts(dataset, tok, num_prompts), model.args.max_seq_len // 2 - width)
     cal = calibrate(model, lookahead, prompts, sampling, max_new_tokens, max(base_tree.topk, 1), tok.eos_ids)
     t0 = time.perf_counter()
     rows = []
-    for cfg in candidates(base_tree, cal, L):
-        M = cfg.blocks if L else 0
-        T = 1 + cfg.nodes + M * L
-        tpc = replay(cal, cfg, L)
-        rows.append((tpc / t_of(T), tpc, T, cfg))
+    for Lc in (range(L, 0, -1) if L and base_tree.blocks else (L,)):
+        cal_c = cal.truncated(Lc) if Lc != L else cal
+        for cfg in candidates(base_tree, cal_c, Lc, widths):
+            T = 1 + cfg.nodes + (cfg.blocks if Lc else 0) * Lc
+            tpc = replay(cal_c, cfg, Lc)
+            rows.append((tpc / t_of(T), tpc, T, cfg, Lc))
     default_tpc = replay(cal, base_tree, L)
-    best = max(rows, key=lambda r: r[0])
-    rate, tpc, T, cfg = best
+    rate, tpc, T, cfg, Lc = max(rows, key=lambda r: r[0])
     default_T = 1 + base_tree.nodes + (base_tree.blocks if L else 0) * L
-    summary = (f"N={cfg.nodes} M={cfg.blocks if L else 0} {'calibrated' if cfg.calibrated else 'per-call'} scores, "
-               f"width {T}: {tpc:.2f} tokens/call replayed, est. {rate * t_of(1):.2f}x ar "
-               f"(default N={base_tree.nodes}: {default_tpc:.2f} tokens/call, est. "
-               f"{default_tpc / t_of(default_T) * t_of(1):.2f}x); calibration {cal.seconds:.0f} s on "
+    summary = (f"N={cfg.nodes} M={cfg.blocks if Lc else 0} L={Lc} "
+               f"{'calibrated' if cfg.calibrated else 'per-call'} scores, width {T}: {tpc:.2f} tokens/call replayed, "
+               f"est. {rate * t_of(1):.2f}x ar (default N={base_tree.nodes} L={L}: {default_tpc:.2f} tokens/call, "
+               f"est. {default_tpc / t_of(default_T) * t_of(1):.2f}x); calibration {cal.seconds:.0f} s on "
                f"{len(prompts)} prompts, replay {time.perf_counter() - t0:.1f} s")
     if not quiet:
         print(f"\nsizing: {dataset} {'greedy' if sampling.greedy else f'T={sampling.temperature:g}'}: {summary}",
               file=sys.stderr)
-    report = {"nodes": cfg.nodes, "blocks": cfg.blocks if L else 0, "calibrated": cfg.calibrated is not None,
-              "width": T, "replayed_tokens_per_call": round(tpc, 4), "estimated_speedup": round(rate * t_of(1), 4),
+    report = {"nodes": cfg.nodes, "blocks": cfg.blocks if Lc else 0, "lookahead": Lc,
+              "calibrated": cfg.calibrated is not None, "width": T, "replayed_tokens_per_call": round(tpc, 4),
+              "estimated_speedup": round(rate * t_of(1), 4),
               "default_replayed_tokens_per_call": round(default_tpc, 4), "summary": summary,
-              "candidates": [{"nodes": c.nodes, "blocks": c.blocks if L else 0, "calibrated": c.calibrated is not None,
-                              "width": w, "replayed_tokens_per_call": round(tp, 4),
-                              "estimated_speedup": round(r * t_of(1), 4)} for r, tp, w, c in rows]}
-    return Plan(cfg, report)
+              "candidates": [{"nodes": c.nodes, "blocks": c.blocks if lc else 0, "lookahead": lc,
+                              "calibrated": c.calibrated is not None, "width": w,
+                              "replayed_tokens_per_call": round(tp, 4), "estimated_speedup": round(r * t_of(1), 4)}
+                             for r, tp, w, c, lc in rows]}
+    return Plan(cfg, report, Lc)

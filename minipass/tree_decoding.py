@@ -540,7 +540,8 @@ def tree_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_to
     dev = model.embed_tokens.weight.device
     tpl = TreeTemplate(tree, L, dev)
     t0 = clock(model)
-    st = start(model, prompts, max_new_tokens, seeds, stop_ids, width=T, draft_positions=N, cache_len=cache_len)
+    st = start(model, prompts, max_new_tokens, seeds, stop_ids, width=T, draft_positions=N, cache_len=cache_len,
+               compile=compile)
     B = len(prompts)
     k = max(tree.topk, 1)
     st["la_tok"] = torch.zeros(B, max(L, 1), k, dtype=torch.long, device=dev)

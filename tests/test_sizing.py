@@ -34,6 +34,24 @@ def test_replay_predicts_greedy_tree_decoding_exactly(setup, cfg):
     assert sizing.replay(cal, cfg, 3) == pytest.approx(out.stats.tokens_per_call, rel=1e-9)
 
 
+
+@pytest.mark.parametrize("L", [1, 2])
+def test_a_truncated_calibration_replays_the_shorter_lookahead_exactly(setup, L):
+    """The first L look-ahead tokens of a longer block draft what a block of L does: the calibration cut to L
+    replays greedy tree decoding with the look-ahead tensor cut to L."""
+    model, la, cal = setup
+    short = la[..., :L, :].contiguous()
+    cut = cal.truncated(L)
+    direct = sizing.calibrate(model, short, PROMPTS, SamplingParams(), NEW, topk=2)
+    # (a longer block leaves out the last anchors of a sequence, whose block would run past its end)
+    for ta, tb, pa, pb in zip(cut.top_tokens, direct.top_tokens, cut.top_probs, direct.top_probs):
+        assert ta and ta.keys() <= tb.keys()
+        assert all(ta[a] == tb[a] for a in ta)
+        assert all(pytest.approx(x, rel=1e-4, abs=1e-6) == y for a in ta for x, y in zip(pa[a], pb[a]))
+    cfg = CONFIGS[0]
+    out = tree_decode(model, PROMPTS, NEW, lookahead=short, tree=cfg)
+    assert sizing.replay(cut, cfg, L) == pytest.approx(out.stats.tokens_per_call, rel=1e-9)
+
 def test_replay_with_calibrated_scores(setup):
     model, la, cal = setup
     tables = sizing.acceptance_tables(cal, CONFIGS[0], 3)
@@ -84,3 +102,18 @@ def test_the_budget_follows_the_cost_curve():
     most = max(sizing.replay(cal, c, 3) for c in sizing.candidates(base, cal, 3))
     assert sizing.replay(cal, flat, 3) == most > 2.4  # flat: the most tokens per call, whatever the width
     assert steep.nodes < flat.nodes
+
+
+def test_candidates_fill_the_measured_widths_exactly():
+    """Given the widths the cost curve measured, every candidate's call is one of them (a call's cost can jump
+    between two measured widths, so none is priced by interpolation), with one or two blocks where both fit."""
+    cal = synthetic_calibration(40)
+    base = TreeConfig(topk=2, blocks=2, ngram_len=3, ngram_chains=1)
+    L = 3
+    cands = sizing.candidates(base, cal, L, widths=[1, 2, 6, 8, 16])
+    sizes = {(c.nodes, c.blocks) for c in cands}
+    assert {1 + c.nodes + c.blocks * L for c in cands} <= {6, 8, 16}
+    assert sizes == {(2, 1), (4, 1), (1, 2), (12, 1), (9, 2)}
+    assert all(c.nodes >= 1 for c in cands)
+    # without widths: the fixed budgets
+    assert {c.nodes for c in sizing.candidates(base, cal, L)} == set(sizing.BUDGETS)

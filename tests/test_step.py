@@ -63,6 +63,31 @@ def test_step_compiles_whole_and_decodes_like_eager(tiny, mode, temperature, mon
         assert compiled.tokens == ar_decode(tiny, PROMPTS, 12).tokens
 
 
+def test_compiled_prefill_is_padded_to_its_bucket_and_writes_the_prompts_cache(tiny):
+    """With compile, a CPU prefill runs compiled at a width rounded up to PREFILL_ROUNDING: prompts of other
+    lengths in the same bucket reuse it (a recompile would raise), and the prompts' cache slots get the K/V the eager
+    prefill writes (the padding writes only slots past them)."""
+    torch._dynamo.reset()
+    dec._COMPILED.clear()
+    long_prompts = [[(7 * i + 3) % 60 + 1 for i in range(23)], [4, 5, 6, 7, 8]]
+    with torch.no_grad():  # as the decoders call it
+        dec.start(tiny, long_prompts, 4, None, (), width=1, cache_len=128)
+        eager = tiny.kv.clone()
+        dec.start(tiny, long_prompts, 4, None, (), width=1, cache_len=128, compile=COMPILE)
+    compiled = tiny.kv.clone()
+    # The cache is cleared before a prefill: the eager one writes slots 0 .. 21, the compiled one 0 .. 63.
+    R = dec.PREFILL_ROUNDING
+    written = lambda kv: (kv != 0).any(-1).any(2).any(1).any(0)  # noqa: E731  (B, slots): any layer, K/V, head
+    assert written(eager)[0, :22].all() and not written(eager)[:, 22:].any()
+    assert written(compiled)[:, :R].all() and not written(compiled)[:, R:].any()
+    for b, p in enumerate(long_prompts):  # each row's prompt slots: 0 .. len - 2
+        torch.testing.assert_close(compiled[:, :, b, :, : len(p) - 1], eager[:, :, b, :, : len(p) - 1],
+                                   rtol=1e-5, atol=1e-5)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = ar_decode(tiny, [p[:-3] for p in long_prompts], 6, cache_len=128, compile=COMPILE)
+    assert out.tokens == ar_decode(tiny, [p[:-3] for p in long_prompts], 6, cache_len=128).tokens
+
+
 class HostSyncs(TorchFunctionMode):
     """Counts the tensor operations that make the host wait for the device: reading values back (item, tolist,
     numpy, bool/int/float conversion: a Python branch on a tensor) and data-dependent shapes (nonzero, a boolean
