@@ -44,7 +44,7 @@ from minipass.data import humaneval_prompts, jsonl_prompts, sharegpt_prompts
 from minipass.decoders import LOOKAHEAD_MODES, MODES, lookahead_for, make_decoder
 from minipass.decoding import (CACHE_ROUNDING, PREFILL_ROUNDING, DecodeStats, SamplingParams, compile_fn,
                                steady_guards)
-from minipass.distributed import default_group, init_from_env, rank
+from minipass.distributed import default_group, finish, init_from_env, rank
 from minipass.errors import MinipassError
 from minipass.loading import load_checkpoint
 
@@ -720,7 +720,7 @@ def bench(args: argparse.Namespace) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     init_from_env()  # under torchrun: tensor parallel over the processes, rank 0 prints and writes files
-    return run_cli(lambda: bench(args))
+    return finish(run_cli(lambda: bench(args)))  # under torchrun: the ranks leave together
 
 
 if __name__ == "__main__":

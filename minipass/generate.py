@@ -14,7 +14,7 @@ import sys
 from minipass.cli import add_decoding_args, add_model_args, add_sampling_args, decoder_options, run_cli, tree_nodes
 from minipass.decoders import LOOKAHEAD_MODES, MODES, lookahead_for, make_decoder
 from minipass.decoding import SamplingParams
-from minipass.distributed import init_from_env
+from minipass.distributed import finish, init_from_env
 from minipass.loading import load_checkpoint
 from minipass.tree_decoding import TreeConfig
 
@@ -82,7 +82,7 @@ def generate(args: argparse.Namespace) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     init_from_env()  # under torchrun: tensor parallel over the processes, rank 0 prints
-    return run_cli(lambda: generate(args))
+    return finish(run_cli(lambda: generate(args)))  # under torchrun: the ranks leave together
 
 
 if __name__ == "__main__":
