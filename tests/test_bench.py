@@ -67,7 +67,10 @@ def test_json_has_every_field_and_greedy_matches_ar(bench, setup, tmp_path, caps
     assert {r["mode"] for r in runs} >= {"tree", "tree@16"}
     assert len(doc["sizing"]) == 4  # one data set: greedy and the paper's setting, L = 1 and 3
     for s in doc["sizing"]:
-        assert s["nodes"] >= 1 and s["width"] == 1 + s["nodes"] + s["blocks"] * s["L"] and s["candidates"]
+        # the tree may use the first lookahead <= L look-ahead tokens; every candidate is a width the curve measured
+        assert 1 <= s["lookahead"] <= s["L"] and s["nodes"] >= 1 and s["candidates"]
+        assert s["width"] == 1 + s["nodes"] + s["blocks"] * s["lookahead"]
+        assert {c["width"] for c in s["candidates"]} <= {int(T) for T in curve}
         best = max(c["estimated_speedup"] for c in s["candidates"])
         assert s["estimated_speedup"] == best
     ar = [r for r in runs if r["mode"] == "ar"]
