@@ -59,7 +59,7 @@ def finish(code: int) -> int:
     """End a command run under torchrun: `code` unchanged without a process group. After a successful run the ranks
     meet at a barrier, leave the group together and exit at once, without the interpreter's teardown: gloo's worker
     threads could otherwise abort a process at exit ("terminate called without an active exception", SIGABRT)
-    after its work was done (in two of four full test runs, each time in one of the torchrun tests). A failed rank
+    after its work was done (in two of six full test runs, each time in one of the torchrun tests). A failed rank
     exits as usual."""
     if code != 0 or default_group() is None:
         return code
