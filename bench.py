@@ -42,7 +42,7 @@ import torch
 from minipass.cli import add_decoding_args, add_model_args, decoder_options, run_cli
 from minipass.data import humaneval_prompts, jsonl_prompts, sharegpt_prompts
 from minipass.decoders import LOOKAHEAD_MODES, MODES, lookahead_for, make_decoder
-from minipass.decoding import (CACHE_ROUNDING, PREFILL_ROUNDING, DecodeStats, SamplingParams, compile_fn,
+from minipass.decoding import (CACHE_ROUNDING, DecodeStats, SamplingParams, compile_fn, prefill_width,
                                steady_guards)
 from minipass.distributed import default_group, finish, init_from_env, rank
 from minipass.errors import MinipassError
@@ -609,7 +609,7 @@ def bench(args: argparse.Namespace) -> None:
                 buckets = {}
                 for i in range(0, len(prompts), args.batch_size):  # the batches run_config makes
                     batch = prompts[i:i + args.batch_size]
-                    buckets.setdefault((len(batch), -(-(max(map(len, batch)) - 1) // PREFILL_ROUNDING)), batch)
+                    buckets.setdefault((len(batch), prefill_width(max(map(len, batch)) - 1)), batch)
                 for batch in buckets.values():
                     cfg.decode(model, batch, 1, cfg.sampling, stop_ids=tok.eos_ids)
             cfg.warmup_s = time.perf_counter() - t0

@@ -89,6 +89,13 @@ CACHE_ROUNDING = 64  # cache lengths are multiples of this: calls of similar len
 PREFILL_ROUNDING = 64  # a compiled prefill's width is a multiple of this: prompts of similar lengths share one
 
 
+def prefill_width(n: int, capacity: Optional[int] = None) -> int:
+    """The width a compiled prefill of n prompt tokens runs at: n rounded up to a multiple of PREFILL_ROUNDING (at
+    most `capacity`)."""
+    width = n + (-n) % PREFILL_ROUNDING
+    return width if capacity is None else min(capacity, width)
+
+
 def prefill(model: Transformer, tokens: Tensor, positions: Tensor, zeros: Tensor) -> Tensor:
     """Write the K/V of `tokens` (B, n), at cache slots 0 .. n - 1 of every row. Only the K/V are wanted: one row
     per prompt goes through the final norm, none through the head."""
@@ -136,7 +143,7 @@ def start(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: 
     B = len(prompts)
     n, fill = longest - 1, prefill
     if compile and device.type == "cpu" and n > 0:
-        n, fill = min(capacity, n + (-n) % PREFILL_ROUNDING), step_for(prefill, ("prefill",), model, compile)
+        n, fill = prefill_width(n, capacity), step_for(prefill, ("prefill",), model, compile)
     model.setup_caches(B, capacity, call_width=width, prefill_len=n)  # refused first if it cannot fit
     lens = torch.tensor([len(p) for p in prompts], device=device)
     tokens = torch.zeros(B, capacity, dtype=torch.long)  # every committed token, prompt included, by position
