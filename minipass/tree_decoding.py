@@ -51,13 +51,14 @@ from minipass.sampling import ACCEPT, RESIDUAL, argmax, uniforms
 
 @dataclass(frozen=True)
 class TreeConfig:
-    nodes: int = 16  # N: candidate nodes per call (the root excluded)
-    topk: int = 3  # look-ahead candidates per depth
-    blocks: int = 2  # M: look-ahead blocks per call (0 = no look-ahead drafting)
+    # The defaults make a 16-wide call with L = 4 (1 + N + M L): see README, "Default tree".
+    nodes: int = 11  # N: candidate nodes per call (the root excluded)
+    topk: int = 8  # look-ahead candidates per depth
+    blocks: int = 1  # M: look-ahead blocks per call (0 = no look-ahead drafting)
     ngram_max: int = 3  # longest context suffix matched for n-gram drafts
     ngram_min: int = 1  # shortest
     ngram_len: int = 8  # tokens copied after a match
-    ngram_chains: int = 2  # distinct continuations taken (most recent matches of the longest suffix first)
+    ngram_chains: int = 4  # distinct continuations taken (most recent matches of the longest suffix first)
     ngram_prior: float = 0.6  # per-token score of an n-gram candidate (look-ahead ones score their probability)
     pool: int = 0  # look-ahead rank paths considered per call (0 = 3 * nodes)
     # Calibrated scores (sizing.py), or None: (look-ahead acceptance by depth and rank, L x topk; n-gram acceptance
