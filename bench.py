@@ -3,7 +3,7 @@
     python bench.py                                   # default model, both prompt sets, greedy + top-k 10 / T 0.8
     python bench.py --ckpt path/to/llama --lookahead-file la.safetensors --dataset prompts.jsonl
     python bench.py --modes ar,pass,pass1 --lookahead 1,2,4,6,8 --temperature 0 --plot sweep.png
-    python bench.py --modes ar,tree --tree-nodes auto,16          # the auto-sized tree against a fixed budget
+    python bench.py --modes ar,tree --tree-nodes auto,11          # the auto-sized tree against the default one
     python bench.py --modes ar,tree --curve-widths 1,8,16,32      # fewer compiled widths for the cost curve
 
 Every mode decodes the same prompts with the same seeds. The timed runs come in rounds: each round runs every
@@ -47,6 +47,7 @@ from minipass.decoding import (CACHE_ROUNDING, DecodeStats, SamplingParams, comp
 from minipass.distributed import default_group, finish, init_from_env, rank
 from minipass.errors import MinipassError
 from minipass.loading import load_checkpoint
+from minipass.tree_decoding import TreeConfig
 
 PAPER_SAMPLING = (0.8, 10, 1.0)  # the paper's setting: temperature 0.8, top-k 10
 UNSTABLE_SPREAD = 0.15  # a configuration whose tokens/s varied more than this over the rounds is flagged
@@ -296,7 +297,7 @@ class Config:
     mode: str
     L: int
     decode: Optional[Callable]
-    label: str = ""  # mode as printed (tree@16 for a fixed budget next to the auto-sized one)
+    label: str = ""  # mode as printed (tree@11 for a fixed budget next to the auto-sized one)
     width: int = 1  # new tokens per forward call
     sizes: dict = field(default_factory=dict)  # the options that size it, for the JSON
     warmup_s: float = 0.0
@@ -537,10 +538,10 @@ def bench(args: argparse.Namespace) -> None:
     for name, prompts in datasets:
         for sampling in settings:
             group = [Config(name, sampling, "ar", 0, None)]
-            specs.append(("ar", decoder_options(args, lookaheads[0], 16), None))
+            specs.append(("ar", decoder_options(args, lookaheads[0], TreeConfig().nodes), None))
             for m in modes[1:]:
                 for L in (lookaheads if m in LOOKAHEAD_MODES else [0]):
-                    opts = decoder_options(args, L or lookaheads[0], 16)
+                    opts = decoder_options(args, L or lookaheads[0], TreeConfig().nodes)
                     la = lookahead[L][0] if m in LOOKAHEAD_MODES else None
                     if m == "ngram":
                         cfg = Config(name, sampling, m, 0, None, width=1 + opts.ngram.nodes,
