@@ -535,13 +535,14 @@ def bench(args: argparse.Namespace) -> None:
     # Configurations: every (dataset, setting) group has its ar baseline first. Decoders are made once the widest
     # call is known: every run then uses one cache length, so a compiled step is compiled once per configuration.
     groups, specs, sizing_report = [], [], []
+    base_nodes = TreeConfig().nodes  # the base budget; --tree-nodes auto or a fixed budget replaces it per tree
     for name, prompts in datasets:
         for sampling in settings:
             group = [Config(name, sampling, "ar", 0, None)]
-            specs.append(("ar", decoder_options(args, lookaheads[0], TreeConfig().nodes), None))
+            specs.append(("ar", decoder_options(args, lookaheads[0], base_nodes), None))
             for m in modes[1:]:
                 for L in (lookaheads if m in LOOKAHEAD_MODES else [0]):
-                    opts = decoder_options(args, L or lookaheads[0], TreeConfig().nodes)
+                    opts = decoder_options(args, L or lookaheads[0], base_nodes)
                     la = lookahead[L][0] if m in LOOKAHEAD_MODES else None
                     if m == "ngram":
                         cfg = Config(name, sampling, m, 0, None, width=1 + opts.ngram.nodes,
