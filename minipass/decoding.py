@@ -249,9 +249,12 @@ def compile_options(device: torch.device) -> dict:
     the weights frozen into the graph as constants and prepacked for oneDNN (bf16) or MKL (fp32), whose packed
     products read bf16 weights 1.25-1.5x faster than ATen's `mm` on the weights as stored, at 1 to 65 rows (README,
     "One step, compiled whole"); products that share their input (q, k, v; gate, up) are concatenated into one,
-    which oneDNN streams faster (the AR step of the default model: 20.6 against 24.1 ms). GEMM autotuning
-    (`max_autotune`) is left off: it times its candidates on weights that sit in the cache, picks C++ templates that
-    are slower than the packed products once the weights stream from memory, and lengthens the compile.
+    which oneDNN streams faster (the AR step of the default model: 20.6 against 24.1 ms). On a CPU with AMX tiles,
+    inductor's GEMM autotuning (`max_autotune`) also times its C++ GEMM template for each product, and the template
+    (AMX micro-kernels, weights packed at compile time, no per-call set-up) is what it picks: the default model's
+    one-token forward 10.5 against 12.9 ms, the 16-token one 12.9 against 15.3 ms, the same bits (README, "One step,
+    compiled whole"). Without AMX the template was the slower choice once the weights stream from memory (it is
+    timed on weights that sit in the cache), so there autotuning stays off: it would only lengthen the compile.
 
     A token's logits must not depend on the width of the call that computes them (README, "Logits that do not depend
     on the call"), so: low-precision intermediates are rounded where eager PyTorch rounds them
@@ -275,7 +278,31 @@ def compile_options(device: torch.device) -> dict:
                         "cpp.dynamic_threads": False,
                         # the graph's calls made from C++, not from a Python wrapper: ~2 ms less per step of the
                         # default model (a few hundred kernel calls and buffer allocations), 15-25 s more compile
-                        "cpp_wrapper": True}}
+                        "cpp_wrapper": True,
+                        # C++ GEMM templates where they are faster (see the docstring); ATen's products elsewhere
+                        **({"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"} if cpu_has_amx() else {})}}
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles, which inductor's C++ GEMM template multiplies bf16 with."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe is not None and probe())
+    except RuntimeError:
+        return False
+
+
+def _no_cpp_bmm_template():
+    """A context in which inductor's autotuning leaves batched products (the attention's) to ATen.
+
+    Its C++ template for them read wrong values where an operand is a view of a larger buffer, as the attention's K
+    and V are views of the cache store (torch 2.13: NaN from the default model's first attention on, in a model of
+    24 layers or more)."""
+    from unittest import mock
+
+    import torch._inductor.kernel.bmm
+
+    return mock.patch.object(torch._inductor.kernel.bmm, "use_cpp_bmm_template", lambda *args, **kwargs: False)
 
 
 def compile_fn(fn: Callable, device: torch.device, options: Optional[dict] = None) -> Callable:
@@ -287,7 +314,9 @@ def compile_fn(fn: Callable, device: torch.device, options: Optional[dict] = Non
     reaches inductor, which then finds no constant to freeze: the weights stay graph inputs, multiplied by ATen's
     `mm` as stored. So an `options` dict that asks for freezing is applied as inductor's config around each call of
     the compiled function (a call compiles when no compiled variant fits), and the weights are frozen for real.
-    A frozen function holds the weights it was compiled with: parameters changed in place afterwards are not seen."""
+    A frozen function holds the weights it was compiled with: parameters changed in place afterwards are not seen.
+    Options with `max_autotune` are applied the same way, with the batched products kept off inductor's C++
+    template (_no_cpp_bmm_template)."""
     import torch._dynamo
     import torch._inductor.config
 
@@ -299,12 +328,13 @@ def compile_fn(fn: Callable, device: torch.device, options: Optional[dict] = Non
     # Each mode, option set and batch shape is one more compiled variant of the same Python function.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     compiled = torch.compile(fn, fullgraph=True, dynamic=False, **opts)
-    if not freezing:
+    autotune = inductor.get("max_autotune", False)
+    if not freezing and not autotune:
         return compiled
-    frozen_config = torch._inductor.config.patch(freezing=True)
+    frozen_config = torch._inductor.config.patch(freezing=freezing)
 
     def frozen(*args, **kwargs):
-        with frozen_config:
+        with frozen_config, (_no_cpp_bmm_template() if autotune else contextlib.nullcontext()):
             return compiled(*args, **kwargs)
 
     frozen._torchdynamo_orig_callable = fn  # as torch.compile's own wrapper: the function it compiles

@@ -147,6 +147,10 @@ def test_the_cpu_compile_concatenates_products_that_share_their_input():
             torch._dynamo.reset()
             opts = dec.compile_options(torch.device("cpu"))
             opts["options"]["cpp.enable_concat_linear"] = concat
+            # on a CPU with AMX the defaults also autotune, and C++ GEMM templates take the place of the packed
+            # products counted below: the concatenation is counted on the packed products
+            opts["options"].pop("max_autotune", None)
+            opts["options"].pop("max_autotune_gemm_backends", None)
             out, code = run_and_get_code(dec.compile_fn(fwd, torch.device("cpu"), opts), model, tokens, pos, seq)
             torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
             # the packed products' calls: MKL's for fp32 (the tiny model), oneDNN's for bf16; from the C++ wrapper
@@ -154,6 +158,32 @@ def test_the_cpu_compile_concatenates_products_that_share_their_input():
             counts[concat] = len(re.findall(r"_(?:mkl_linear|linear_pointwise)(?:\.default)?\(", "".join(code)))
     assert dec.compile_options(torch.device("cpu"))["options"]["cpp.enable_concat_linear"]
     assert (counts[False], counts[True]) == (2 * 7 + 1, 2 * 4 + 1)
+
+
+def test_autotuned_compile_leaves_the_attention_products_to_aten():
+    """With GEMM autotuning (the CPU options on a CPU with AMX; forced here, on any CPU), compile_fn keeps the
+    attention's batched products off inductor's C++ template (decoding._no_cpp_bmm_template: the template read wrong
+    values from views of the cache store): the generated code makes ATen's three batched products per layer, and
+    the compiled forward gives the eager logits."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_model("tiny")
+    model.setup_caches(1, 16)
+    tokens, pos, seq = torch.tensor([[3, 1, 4]]), torch.arange(3)[None], torch.zeros(1, dtype=torch.long)
+
+    def fwd(m, tokens, pos, seq):
+        return m(tokens, input_pos=pos, cache_seqlens=seq)
+
+    opts = dec.compile_options(torch.device("cpu"))
+    opts["options"].update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = fwd(model, tokens, pos, seq)
+        out, code = run_and_get_code(dec.compile_fn(fwd, torch.device("cpu"), opts), model, tokens, pos, seq)
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    # ATen's batched product, called from the C++ wrapper (aoti_torch_cpu_bmm_out) or a Python one (extern_kernels.bmm)
+    bmm = len(re.findall(r"aoti_torch_cpu_bmm_out\(|extern_kernels\.bmm\(", "".join(code)))
+    assert bmm == 3 * model.args.n_layers
 
 
 def test_a_frozen_step_serves_the_next_decode_without_compiling_again(tiny):
