@@ -252,8 +252,8 @@ def compile_options(device: torch.device) -> dict:
     which oneDNN streams faster (the AR step of the default model: 20.6 against 24.1 ms). On a CPU with AMX tiles,
     inductor's GEMM autotuning (`max_autotune`) also times its C++ GEMM template for each product, and the template
     (AMX micro-kernels, weights packed at compile time, no per-call set-up) is what it picks: the default model's
-    one-token forward 10.5 against 12.9 ms, the 16-token one 12.9 against 15.3 ms, the same bits (README, "One step,
-    compiled whole"). Without AMX the template was the slower choice once the weights stream from memory (it is
+    one-token forward 10.5 against 12.9 ms, the 16-token one 12.9 against 15.3 ms (README, "One step, compiled
+    whole"). Without AMX the template was the slower choice once the weights stream from memory (it is
     timed on weights that sit in the cache), so there autotuning stays off: it would only lengthen the compile.
 
     A token's logits must not depend on the width of the call that computes them (README, "Logits that do not depend
