@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from minipass.errors import MinipassError
+from minipass.loading import cpu_has_amx
 from minipass.model import Transformer
 from minipass.sampling import SAMPLE, argmax, check_sampling_args, logits_to_probs, sample, uniforms
 
@@ -283,15 +284,6 @@ def compile_options(device: torch.device) -> dict:
                         **({"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"} if cpu_has_amx() else {})}}
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles, which inductor's C++ GEMM template multiplies bf16 with."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(probe is not None and probe())
-    except RuntimeError:
-        return False
-
-
 def _no_cpp_bmm_template():
     """A context in which inductor's autotuning leaves batched products (the attention's) to ATen.
 
@@ -331,10 +323,12 @@ def compile_fn(fn: Callable, device: torch.device, options: Optional[dict] = Non
     autotune = inductor.get("max_autotune", False)
     if not freezing and not autotune:
         return compiled
+    # made once, entered around every call (a call compiles when no compiled variant fits)
     frozen_config = torch._inductor.config.patch(freezing=freezing)
+    bmm_on_aten = _no_cpp_bmm_template() if autotune else contextlib.nullcontext()
 
     def frozen(*args, **kwargs):
-        with frozen_config, (_no_cpp_bmm_template() if autotune else contextlib.nullcontext()):
+        with frozen_config, bmm_on_aten:
             return compiled(*args, **kwargs)
 
     frozen._torchdynamo_orig_callable = fn  # as torch.compile's own wrapper: the function it compiles

@@ -188,15 +188,26 @@ def load_gguf(gguf: GGUFCheckpoint, dtype: torch.dtype, device, check_weights: b
                        source=gguf.path)
 
 
+def _cpu_probe(name: str) -> bool:
+    """torch.cpu's capability probe `name` (private, not in every build): False where it is missing or fails."""
+    probe = getattr(torch.cpu, name, None)
+    try:
+        return bool(probe is not None and probe())
+    except RuntimeError:
+        return False
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles, which inductor's C++ GEMM template multiplies bf16 with
+    (decoding.compile_options)."""
+    return _cpu_probe("_is_amx_tile_supported")
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 dot products natively (x86 AVX512-BF16 or AMX, Arm BF16): then bf16 weights,
     half the bytes of fp32, are the faster choice for decoding, which reads every weight once per step."""
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    try:
-        if any(probe is not None and probe() for probe in probes):
-            return True
-    except RuntimeError:
-        pass
+    if _cpu_probe("_is_avx512_bf16_supported") or cpu_has_amx():
+        return True
     try:
         with open("/proc/cpuinfo") as f:
             flags = set()
