@@ -161,10 +161,10 @@ def test_the_cpu_compile_concatenates_products_that_share_their_input():
 
 
 def test_autotuned_compile_leaves_the_attention_products_to_aten():
-    """With GEMM autotuning (the CPU options on a CPU with AMX; forced here, on any CPU), compile_fn keeps the
-    attention's batched products off inductor's C++ template (decoding._no_cpp_bmm_template: the template read wrong
-    values from views of the cache store): the generated code makes ATen's three batched products per layer, and
-    the compiled forward gives the eager logits."""
+    """With GEMM autotuning (the CPU options on a CPU with AMX; forced here, on any CPU), compile_fn keeps an fp32
+    model's batched products off inductor's C++ template (decoding._cpp_bmm_template_on_stored_operands takes it for
+    low-precision products only): the generated code makes ATen's three batched products per layer, and the compiled
+    forward gives the eager logits."""
     from torch._inductor.utils import run_and_get_code
 
     model = tiny_model("tiny")
@@ -184,6 +184,37 @@ def test_autotuned_compile_leaves_the_attention_products_to_aten():
     # ATen's batched product, called from the C++ wrapper (aoti_torch_cpu_bmm_out) or a Python one (extern_kernels.bmm)
     bmm = len(re.findall(r"aoti_torch_cpu_bmm_out\(|extern_kernels\.bmm\(", "".join(code)))
     assert bmm == 3 * model.args.n_layers
+
+
+def test_the_bmm_template_gets_only_low_precision_operands_read_as_stored():
+    """decoding._cpp_bmm_template_on_stored_operands: inductor's C++ template for batched products is offered the
+    attention's probabilities times V (bf16 or fp16, V's rows contiguous), never its scores (K transposed, which the
+    template packs first: NaN in the default model) nor an fp32 product, and never what inductor itself refuses."""
+    from unittest import mock
+
+    import torch._inductor.kernel.bmm as kbmm
+
+    class Node:  # the two methods the choice reads of inductor's IR nodes
+        def __init__(self, dtype, stride):
+            self.dtype, self.stride = dtype, stride
+
+        def get_dtype(self):
+            return self.dtype
+
+        def get_stride(self):
+            return self.stride
+
+    S, D = 384, 64
+    v, k_t = (S * D, D, 1), (S * D, 1, D)  # V as stored; K transposed
+    for inductor_says in (True, False):
+        with mock.patch.object(kbmm, "use_cpp_bmm_template", lambda *args: inductor_says):
+            with dec._cpp_bmm_template_on_stored_operands():
+                fits = kbmm.use_cpp_bmm_template
+                for dtype in (torch.bfloat16, torch.float16):
+                    assert fits(None, Node(dtype, (3 * S, S, 1)), Node(dtype, v)) is inductor_says
+                    assert not fits(None, Node(dtype, (3 * D, D, 1)), Node(dtype, k_t))
+                assert not fits(None, Node(torch.float32, (3 * S, S, 1)), Node(torch.float32, v))
+            assert kbmm.use_cpp_bmm_template(None, None, None) is inductor_says  # restored on leaving
 
 
 def test_a_frozen_step_serves_the_next_decode_without_compiling_again(tiny):
