@@ -53,6 +53,7 @@ PAPER_SAMPLING = (0.8, 10, 1.0)  # the paper's setting: temperature 0.8, top-k 1
 UNSTABLE_SPREAD = 0.15  # a configuration whose tokens/s varied more than this over the rounds is flagged
 BUSY_CORES = 0.25  # a timed run during which other processes took more CPU than this (in cores) is flagged
 CURVE_WIDTHS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)  # forward widths measured for the cost curve (and the sizing)
+CURVE_ROUNDS = 25  # timed calls of each width for the cost curve (a few seconds against minutes of compiling)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -218,16 +219,16 @@ def weight_bytes(model) -> int:
 
 def cost_curve(model, widths, batch: int, context: int, compile, cache_len: int = 0) -> dict:
     """Seconds per forward of T new tokens (causal) per row after `context` cached tokens, for each T in widths:
-    the median of 7 calls after 2 warm-ups, compiled like the decoding steps when `compile` is set (and then timed
+    timed after 2 warm-ups (below), compiled like the decoding steps when `compile` is set (and then timed
     with the guard checks of a decode's later steps, `decoding.steady_guards`).
 
     A compiled call attends over the whole cache, so its attention costs what the cache's length says: pass the
     decodes' `cache_len` for a curve that prices their calls (the least length that fits is used otherwise).
 
-    Every width is compiled and warmed up first; the timed calls then come in 7 rounds, one call of each width per
-    round in an order rotated from round to round, so a slow period of a shared machine lands on every width alike
-    instead of on the one being measured (the curve is read relative to t(1): one slow width-1 block would make
-    every wider call look cheap)."""
+    Every width is compiled and warmed up first; the timed calls then come in CURVE_ROUNDS rounds, one call of each
+    width per round in an order rotated from round to round, so a slow period of a shared machine lands on every
+    width alike instead of on the one being measured (the curve is read relative to t(1): one slow width-1 block
+    would make every wider call look cheap), and the rounds are read by curve_from_rounds."""
     device = model.embed_tokens.weight.device
     g = torch.Generator().manual_seed(0)
     model.setup_caches(batch, max(cache_len, context + max(widths) + 1))
@@ -251,7 +252,7 @@ def cost_curve(model, widths, batch: int, context: int, compile, cache_len: int 
             calls[T] = (fn, tokens, pos)
     times = {T: [] for T in widths}
     with torch.no_grad(), steady_guards() if compile else contextlib.nullcontext():
-        for r in range(7):
+        for r in range(CURVE_ROUNDS):
             for T in widths[r % len(widths):] + widths[:r % len(widths)]:
                 fn, tokens, pos = calls[T]
                 sync(device)
@@ -259,7 +260,17 @@ def cost_curve(model, widths, batch: int, context: int, compile, cache_len: int 
                 fn(model, tokens, pos, seq)
                 sync(device)
                 times[T].append(time.perf_counter() - t0)
-    return {T: statistics.median(times[T]) for T in widths}
+    return curve_from_rounds(times)
+
+
+def curve_from_rounds(times: dict) -> dict:
+    """The cost curve from `times[T][r]`, the seconds of width T's call in round r: t(T) = the median of t(1) times
+    the median over the rounds of t(T) / t(1) within a round. The two calls of a round are a few tens of milliseconds
+    apart, so a slow period of a shared machine slows both terms of a ratio, where medians taken width by width
+    each land wherever the slow rounds of that width happened to fall. (The smallest width stands in for 1 if 1
+    was not measured.)"""
+    ref = times[1] if 1 in times else times[min(times)]
+    return {T: statistics.median(ref) * statistics.median(t / r for t, r in zip(ts, ref)) for T, ts in times.items()}
 
 
 def envelope(curve: dict) -> dict:
@@ -675,7 +686,7 @@ def bench(args: argparse.Namespace) -> None:
           f"{bound:.1f} tokens/s if a step only read the weights once; ar reaches "
           + ", ".join(f"{r['tokens_per_s']:.1f} ({100 * r['share_of_bound']:.0f}%)" for r in ar_runs))
     print(f"cost curve (one forward of T new tokens per row at {context} cached tokens in a {curve_cache}-slot cache, "
-          f"{'compiled' if compile_ else 'eager'}, median of 7 interleaved rounds): " +
+          f"{'compiled' if compile_ else 'eager'}, {CURVE_ROUNDS} interleaved rounds, median ratio to T=1): " +
           "  ".join(f"T={T}: {1e3 * t:.1f} ms ({t / curve[1]:.2f}x)" for T, t in curve.items()))
     if used != curve:
         print("  read as non-decreasing in T (a narrower call can run as a wider one): " +

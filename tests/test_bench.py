@@ -107,6 +107,16 @@ def test_the_sizing_reads_the_cost_curve_non_decreasing(bench):
     assert bench.envelope({1: 3.0, 4: 5.0}) == {1: 3.0, 4: 5.0}
 
 
+def test_the_cost_curve_is_read_round_by_round(bench):
+    """A slow period that lands on one width's calls in some rounds and on both widths in others: each width's own
+    median reads T = 8 at 2.4x T = 1, the ratios within the rounds read the 1.2x every undisturbed round shows."""
+    t1 = [10.0, 10.0, 10.0, 20.0, 20.0, 20.0, 10.0]
+    t8 = [24.0, 24.0, 24.0, 24.0, 24.0, 24.0, 12.0]
+    curve = bench.curve_from_rounds({1: t1, 8: t8})
+    assert curve[1] == 10.0 and curve[8] == pytest.approx(12.0)
+    assert bench.curve_from_rounds({2: [4.0, 8.0, 4.0], 4: [5.0, 10.0, 5.0]}) == {2: 4.0, 4: 5.0}  # no width 1
+
+
 def test_curve_widths(bench, setup, tmp_path):
     """--curve-widths measures those widths and t(1), nothing else."""
     ckpt, prompts = setup
