@@ -251,10 +251,10 @@ def compile_options(device: torch.device) -> dict:
     products read bf16 weights 1.25-1.5x faster than ATen's `mm` on the weights as stored, at 1 to 65 rows (README,
     "One step, compiled whole"); products that share their input (q, k, v; gate, up) are concatenated into one,
     which oneDNN streams faster (the AR step of the default model: 20.6 against 24.1 ms). On a CPU with AMX tiles,
-    inductor's GEMM autotuning (`max_autotune`) also times its C++ GEMM template for each product, and the template
-    (AMX micro-kernels, weights packed at compile time, no per-call set-up) is what it picks: the default model's
+    inductor's GEMM autotuning (`max_autotune`) offers its C++ GEMM template for each product, and the template
+    (AMX micro-kernels, weights packed at compile time, no per-call set-up) is the faster: the default model's
     one-token forward 10.5 against 12.9 ms, the 16-token one 12.9 against 15.3 ms (README, "One step, compiled
-    whole"). Without AMX the template was the slower choice once the weights stream from memory (it is
+    whole"); compile_fn takes it untimed where it fits a bf16 or fp16 product. Without AMX the template was the slower choice once the weights stream from memory (it is
     timed on weights that sit in the cache), so there autotuning stays off: it would only lengthen the compile.
 
     A token's logits must not depend on the width of the call that computes them (README, "Logits that do not depend
@@ -306,6 +306,34 @@ def _cpp_bmm_template_on_stored_operands():
     return mock.patch.object(torch._inductor.kernel.bmm, "use_cpp_bmm_template", stored_operands_only)
 
 
+def _templates_untimed_against_extern_kernels() -> list:
+    """Contexts (reusable, entered together) in which a bf16 or fp16 product that inductor's C++ GEMM template fits
+    takes the template (its variants still timed against each other), without timing it against ATen's or oneDNN's
+    kernel, which stays the choice wherever no template fits (and for every fp32 product).
+
+    Timed against each other, the two are picked by whatever else the machine ran during the compile, and inductor
+    keeps the timings on disk (its local autotune cache, one per machine) and reuses them in every later process
+    without timing again. On the Intel Xeon with AMX, 2 cores, one such cache held 5-us products timed at 7-12 ms
+    (the compile shared the cores): it gave the default model's 30 gate/up products and its head to oneDNN, and
+    that one-token forward was 1.09x the all-template one, paired (same bits). In every entry timed undisturbed,
+    the template was the faster, 1.1-9x, at 1 to 192 rows."""
+    from unittest import mock
+
+    import torch._inductor.kernel.bmm
+    import torch._inductor.mkldnn_lowerings
+    import torch._inductor.select_algorithm as select
+
+    choose = select.autotune_select_algorithm
+
+    def templates_first(name, choices, input_nodes, layout, *args, **kwargs):
+        if layout.dtype in (torch.bfloat16, torch.float16):
+            choices = [c for c in choices if not isinstance(c, select.ExternKernelCaller)] or choices
+        return choose(name, choices, input_nodes, layout, *args, **kwargs)
+
+    return [mock.patch.object(module, "autotune_select_algorithm", templates_first)
+            for module in (torch._inductor.kernel.bmm, torch._inductor.mkldnn_lowerings)]
+
+
 def compile_fn(fn: Callable, device: torch.device, options: Optional[dict] = None) -> Callable:
     """`torch.compile(fn, fullgraph=True, dynamic=False, **options)`, `options` defaulting to compile_options(device).
     fullgraph=True makes any graph break an error: the step must be pure tensor code.
@@ -317,7 +345,8 @@ def compile_fn(fn: Callable, device: torch.device, options: Optional[dict] = Non
     the compiled function (a call compiles when no compiled variant fits), and the weights are frozen for real.
     A frozen function holds the weights it was compiled with: parameters changed in place afterwards are not seen.
     Options with `max_autotune` are applied the same way, with the attention's scores kept off inductor's C++
-    template for batched products (_cpp_bmm_template_on_stored_operands)."""
+    template for batched products (_cpp_bmm_template_on_stored_operands) and the template taken untimed where it
+    fits a low-precision product (_templates_untimed_against_extern_kernels)."""
     import torch._dynamo
     import torch._inductor.config
 
@@ -333,11 +362,14 @@ def compile_fn(fn: Callable, device: torch.device, options: Optional[dict] = Non
     if not freezing and not autotune:
         return compiled
     # made once, entered around every call (a call compiles when no compiled variant fits)
-    frozen_config = torch._inductor.config.patch(freezing=freezing)
-    bmm_templates = _cpp_bmm_template_on_stored_operands() if autotune else contextlib.nullcontext()
+    contexts = [torch._inductor.config.patch(freezing=freezing)]
+    if autotune:
+        contexts += [_cpp_bmm_template_on_stored_operands(), *_templates_untimed_against_extern_kernels()]
 
     def frozen(*args, **kwargs):
-        with frozen_config, bmm_templates:
+        with contextlib.ExitStack() as stack:
+            for c in contexts:
+                stack.enter_context(c)
             return compiled(*args, **kwargs)
 
     frozen._torchdynamo_orig_callable = fn  # as torch.compile's own wrapper: the function it compiles

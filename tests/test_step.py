@@ -217,6 +217,47 @@ def test_the_bmm_template_gets_only_low_precision_operands_read_as_stored():
             assert kbmm.use_cpp_bmm_template(None, None, None) is inductor_says  # restored on leaving
 
 
+def test_low_precision_products_take_the_gemm_template_untimed():
+    """decoding._templates_untimed_against_extern_kernels: where inductor offers its C++ GEMM template for a bf16
+    or fp16 product (a linear layer or a batched product), ATen's or oneDNN's kernel is not timed against it (the
+    pick would follow the machine's load during the compile, and inductor keeps its timings on disk); an fp32
+    product, or one that no template fits, keeps every choice; the lowerings get their own function back after."""
+    import contextlib
+    from unittest import mock
+
+    import torch._inductor.kernel.bmm as kbmm
+    import torch._inductor.mkldnn_lowerings as lowerings
+    import torch._inductor.select_algorithm as select
+
+    class Layout:
+        def __init__(self, dtype):
+            self.dtype = dtype
+
+    offered = []
+
+    def autotune(name, choices, input_nodes, layout, *args, **kwargs):
+        offered.append(list(choices))
+        return "picked"
+
+    extern = object.__new__(select.ExternKernelCaller)  # ATen's bmm, oneDNN's linear
+    template = object()  # a C++ template's choice
+    with mock.patch.object(select, "autotune_select_algorithm", autotune):
+        contexts = dec._templates_untimed_against_extern_kernels()
+    originals = kbmm.autotune_select_algorithm, lowerings.autotune_select_algorithm
+    for _ in range(2):  # made once, entered around every call of a compiled step
+        with contextlib.ExitStack() as stack:
+            for c in contexts:
+                stack.enter_context(c)
+            for module in (kbmm, lowerings):
+                for dtype, choices, kept in [(torch.bfloat16, [extern, template], [template]),
+                                             (torch.float16, [template, extern, template], [template, template]),
+                                             (torch.float32, [extern, template], [extern, template]),
+                                             (torch.bfloat16, [extern], [extern])]:
+                    assert module.autotune_select_algorithm("mm", choices, [], Layout(dtype)) == "picked"
+                    assert offered[-1] == kept
+        assert (kbmm.autotune_select_algorithm, lowerings.autotune_select_algorithm) == originals
+
+
 def test_a_frozen_step_serves_the_next_decode_without_compiling_again(tiny):
     """The default CPU compile freezes the model into the step, the KV cache store included, which the compiled
     step then checks by identity: a second decode of the same shape reuses the store (setup_caches clears it in
