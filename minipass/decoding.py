@@ -254,8 +254,9 @@ def compile_options(device: torch.device) -> dict:
     inductor's GEMM autotuning (`max_autotune`) offers its C++ GEMM template for each product, and the template
     (AMX micro-kernels, weights packed at compile time, no per-call set-up) is the faster: the default model's
     one-token forward 10.5 against 12.9 ms, the 16-token one 12.9 against 15.3 ms (README, "One step, compiled
-    whole"); compile_fn takes it untimed where it fits a bf16 or fp16 product. Without AMX the template was the slower choice once the weights stream from memory (it is
-    timed on weights that sit in the cache), so there autotuning stays off: it would only lengthen the compile.
+    whole"); compile_fn takes it untimed where it fits a bf16 or fp16 product. Without AMX the template was the
+    slower choice once the weights stream from memory (it is timed on weights that sit in the cache), so there
+    autotuning stays off: it would only lengthen the compile.
 
     A token's logits must not depend on the width of the call that computes them (README, "Logits that do not depend
     on the call"), so: low-precision intermediates are rounded where eager PyTorch rounds them
@@ -315,8 +316,8 @@ def _templates_untimed_against_extern_kernels() -> list:
     keeps the timings on disk (its local autotune cache, one per machine) and reuses them in every later process
     without timing again. On the Intel Xeon with AMX, 2 cores, one such cache held 5-us products timed at 7-12 ms
     (the compile shared the cores): it gave the default model's 30 gate/up products and its head to oneDNN, and
-    that one-token forward was 1.09x the all-template one, paired (same bits). In every entry timed undisturbed,
-    the template was the faster, 1.1-9x, at 1 to 192 rows."""
+    that one-token forward took 12.28 ms against 11.34 all-template, paired (same bits). In every entry timed
+    undisturbed, the template was the faster, 1.1-9x, at 1 to 192 rows."""
     from unittest import mock
 
     import torch._inductor.kernel.bmm
