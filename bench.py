@@ -19,8 +19,9 @@ round): a round runs on the cores they leave free, a round they disturb stops an
 (`other_load_rounds`) and the rounds' threads (`round_log`).
 
 Printed under the table: the hardware ceiling (memory read bandwidth, measured, and the weights-read bound on
-tokens/s it implies), the measured cost t(T) of one forward of T new tokens relative to t(1), and the sizes chosen
-for the speculation when they are sized automatically (sizing.py).
+tokens/s it implies; and the same for a buffer of the weights' size read over and over, which a last-level cache
+larger than the weights serves faster than memory), the measured cost t(T) of one forward of T new tokens relative
+to t(1), and the sizes chosen for the speculation when they are sized automatically (sizing.py).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ UNSTABLE_SPREAD = 0.15  # a configuration whose tokens/s varied more than this o
 BUSY_CORES = 0.25  # a timed run during which other processes took more CPU than this (in cores) is flagged
 CURVE_WIDTHS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)  # forward widths measured for the cost curve (and the sizing)
 CURVE_ROUNDS = 25  # timed calls of each width for the cost curve (a few seconds against minutes of compiling)
+CURVE_BLOCK = (2, 3)  # per round, each width: calls not timed, then calls timed (their median is the round's)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -213,6 +215,25 @@ def memory_bandwidth(device: torch.device) -> float:
     return n * 4 / best / 1e9
 
 
+def resident_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Read bandwidth in GB/s of a buffer of `nbytes` (the weights' size) read again and again, as a decode's steps
+    read their weights: the best of a few sums after one untimed one. Where the last-level cache holds such a buffer
+    (the Intel Xeon's 300 MiB against the default model's 0.27 GB) this is the ceiling a decode meets, not the
+    memory's (56 against 31 GB/s there); elsewhere the two agree."""
+    n = max(nbytes // 4, 1)
+    x = torch.ones(n, device=device)
+    x.sum()
+    best = float("inf")
+    for _ in range(7):
+        sync(device)
+        t0 = time.perf_counter()
+        x.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    del x
+    return n * 4 / best / 1e9
+
+
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -225,10 +246,17 @@ def cost_curve(model, widths, batch: int, context: int, compile, cache_len: int 
     A compiled call attends over the whole cache, so its attention costs what the cache's length says: pass the
     decodes' `cache_len` for a curve that prices their calls (the least length that fits is used otherwise).
 
-    Every width is compiled and warmed up first; the timed calls then come in CURVE_ROUNDS rounds, one call of each
-    width per round in an order rotated from round to round, so a slow period of a shared machine lands on every
-    width alike instead of on the one being measured (the curve is read relative to t(1): one slow width-1 block
-    would make every wider call look cheap), and the rounds are read by curve_from_rounds."""
+    Every width is compiled and warmed up first; the timed calls then come in CURVE_ROUNDS rounds, one short block
+    of calls of each width per round in an order rotated from round to round, so a slow period of a shared machine
+    lands on every width alike instead of on the one being measured (the curve is read relative to t(1): one slow
+    width-1 block would make every wider call look cheap), and the rounds are read by curve_from_rounds.
+
+    Within a round a width is timed after CURVE_BLOCK[0] calls of its own, as a decode's steps run: one compiled
+    step after another. Each compiled width holds its own frozen copy of the weights (decoding.compile_fn), and a
+    CPU whose last-level cache holds the weights (the Intel Xeon's 300 MiB against 0.27 GB) serves them from there
+    only to calls of the copy read last: one call of each width in turn read every width from memory, priced a
+    12-wide call at 1.17x t(1) where a decode's 12-wide steps cost 1.31x its one-token steps (README, *Sizing the
+    tree to the machine*)."""
     device = model.embed_tokens.weight.device
     g = torch.Generator().manual_seed(0)
     model.setup_caches(batch, max(cache_len, context + max(widths) + 1))
@@ -255,11 +283,16 @@ def cost_curve(model, widths, batch: int, context: int, compile, cache_len: int 
         for r in range(CURVE_ROUNDS):
             for T in widths[r % len(widths):] + widths[:r % len(widths)]:
                 fn, tokens, pos = calls[T]
-                sync(device)
-                t0 = time.perf_counter()
-                fn(model, tokens, pos, seq)
-                sync(device)
-                times[T].append(time.perf_counter() - t0)
+                for _ in range(CURVE_BLOCK[0]):
+                    fn(model, tokens, pos, seq)
+                block = []
+                for _ in range(CURVE_BLOCK[1]):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    fn(model, tokens, pos, seq)
+                    sync(device)
+                    block.append(time.perf_counter() - t0)
+                times[T].append(statistics.median(block))
     return curve_from_rounds(times)
 
 
@@ -525,6 +558,8 @@ def bench(args: argparse.Namespace) -> None:
     bandwidth = memory_bandwidth(device)
     gb = weight_bytes(model) / 1e9
     bound = bandwidth / gb * args.batch_size  # tokens/s if a step cost exactly one read of the weights
+    resident = resident_bandwidth(device, weight_bytes(model))  # the same, with the weights read over and over
+    resident_bound = resident / gb * args.batch_size
     context = int(statistics.median(len(p) for _, ps in datasets for p in ps)) + args.max_new_tokens // 2
     # Every decode below gets one cache length, and the curve is measured at it: the attention of a compiled call
     # spans the whole cache, and at the curve's context alone a wide call's attention would look cheaper than in
@@ -685,8 +720,13 @@ def bench(args: argparse.Namespace) -> None:
     print(f"ceiling: memory read bandwidth {bandwidth:.1f} GB/s (best of 5 sums of 1 GB) / {gb:.3f} GB of weights = "
           f"{bound:.1f} tokens/s if a step only read the weights once; ar reaches "
           + ", ".join(f"{r['tokens_per_s']:.1f} ({100 * r['share_of_bound']:.0f}%)" for r in ar_runs))
+    print(f"         a buffer of the weights' size read over and over, as a decode's steps read them: {resident:.1f} "
+          f"GB/s, {resident_bound:.1f} tokens/s; ar reaches "
+          + ", ".join(f"{100 * r['tokens_per_s'] / resident_bound:.0f}%" for r in ar_runs)
+          + (" of it (the weights fit in the last-level cache)" if resident > 1.3 * bandwidth else " of it"))
     print(f"cost curve (one forward of T new tokens per row at {context} cached tokens in a {curve_cache}-slot cache, "
-          f"{'compiled' if compile_ else 'eager'}, {CURVE_ROUNDS} interleaved rounds, median ratio to T=1): " +
+          f"{'compiled' if compile_ else 'eager'}, {CURVE_ROUNDS} interleaved rounds of blocks of calls, median ratio "
+          "to T=1): " +
           "  ".join(f"T={T}: {1e3 * t:.1f} ms ({t / curve[1]:.2f}x)" for T, t in curve.items()))
     if used != curve:
         print("  read as non-decreasing in T (a narrower call can run as a wider one): " +
@@ -717,7 +757,8 @@ def bench(args: argparse.Namespace) -> None:
         doc = {"model": str(ckpt), "device": device_name(device), "dtype": str(model.embed_tokens.weight.dtype),
                "compiled": bool(compile_), "rounds": args.rounds, "load_average_start": load_start,
                "load_average_end": load_end, "bandwidth_gb_per_s": round(bandwidth, 2), "weights_gb": round(gb, 4),
-               "bound_tokens_per_s": round(bound, 2),
+               "bound_tokens_per_s": round(bound, 2), "resident_gb_per_s": round(resident, 2),
+               "resident_bound_tokens_per_s": round(resident_bound, 2),
                "cost_curve": {str(T): {"ms": round(1e3 * t, 3), "vs_t1": round(t / curve[1], 4),
                                       "used_ms": round(1e3 * used[T], 3)} for T, t in curve.items()},
                "cost_curve_context": context, "cost_curve_cache_len": curve_cache, "cost_curve_s": round(curve_s, 1),

@@ -17,7 +17,8 @@ FIELDS = {"dataset", "mode", "lookahead", "temperature", "top_k", "top_p", "batc
           "identical_to_ar", "tokens_per_s_rounds", "speedup_rounds", "spread", "time_per_call_ms", "width",
           "warmup_s", "model_cost_vs_ar", "identical_rows", "other_load_rounds"}
 TOP = {"model", "device", "dtype", "runs", "rounds", "load_average_start", "load_average_end", "bandwidth_gb_per_s",
-       "weights_gb", "bound_tokens_per_s", "cost_curve", "sizing", "compiled", "round_log"}
+       "weights_gb", "bound_tokens_per_s", "resident_gb_per_s", "resident_bound_tokens_per_s", "cost_curve", "sizing",
+       "compiled", "round_log"}
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,8 @@ def test_json_has_every_field_and_greedy_matches_ar(bench, setup, tmp_path, caps
     doc = json.loads(out.read_text())
     assert TOP <= set(doc), TOP - set(doc)
     assert doc["rounds"] == 2 and doc["bandwidth_gb_per_s"] > 0 and doc["bound_tokens_per_s"] > 0
+    assert doc["resident_bound_tokens_per_s"] == pytest.approx(
+        doc["bound_tokens_per_s"] * doc["resident_gb_per_s"] / doc["bandwidth_gb_per_s"], rel=0.02)
     curve = doc["cost_curve"]
     assert curve["1"]["vs_t1"] == 1.0 and all(c["ms"] > 0 for c in curve.values()) and len(curve) >= 5
     assert len(doc["load_average_start"]) == 3
@@ -92,6 +95,7 @@ def test_json_has_every_field_and_greedy_matches_ar(bench, setup, tmp_path, caps
             assert r["lookahead"] == 0 and r["speedup_vs_ar"] == 1.0 and r["tokens_per_call"] == 1.0
     out = capsys.readouterr().out
     assert "tok/s" in out and "ceiling: memory read bandwidth" in out and "cost curve" in out  # table and figures
+    assert "read over and over" in out  # the ceiling with the weights read again and again
     assert "spread " in out and "call/ar " in out  # the legend
 
 
@@ -115,6 +119,44 @@ def test_the_cost_curve_is_read_round_by_round(bench):
     curve = bench.curve_from_rounds({1: t1, 8: t8})
     assert curve[1] == 10.0 and curve[8] == pytest.approx(12.0)
     assert bench.curve_from_rounds({2: [4.0, 8.0, 4.0], 4: [5.0, 10.0, 5.0]}) == {2: 4.0, 4: 5.0}  # no width 1
+
+
+def test_the_cost_curve_times_each_width_after_calls_of_its_own(bench, setup, monkeypatch):
+    """A decode calls one compiled step again and again, and each compiled width holds its own copy of the weights:
+    each width is timed in a block of its own calls, never right after another width's, and every width comes in
+    every round."""
+    from minipass.loading import load_checkpoint
+
+    ckpt, _ = setup
+    model, _, _ = load_checkpoint(str(ckpt), "fp32", "cpu", "torch")
+    widths, seen, timed = [1, 3, 4], [], []
+    forward = type(model).forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["input_pos"].shape[1])
+        return forward(self, *args, **kwargs)
+
+    clock = time.perf_counter
+
+    def perf_counter():  # calls made when a timer starts or stops
+        timed.append(len(seen))
+        return clock()
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    monkeypatch.setattr(bench.time, "perf_counter", perf_counter)
+    curve = bench.cost_curve(model, widths, batch=1, context=6, compile=False)
+    assert sorted(curve) == widths
+    warm, block = bench.CURVE_BLOCK
+    calls = seen[1 + 2 * len(widths):]  # after the prefill and two warm-up calls per width
+    n = warm + block
+    assert len(calls) == bench.CURVE_ROUNDS * len(widths) * n
+    blocks = [calls[i: i + n] for i in range(0, len(calls), n)]
+    assert all(len(set(b)) == 1 for b in blocks)
+    for r in range(bench.CURVE_ROUNDS):
+        assert sorted(b[0] for b in blocks[r * len(widths): (r + 1) * len(widths)]) == widths
+    # The timers start and stop around each timed call: every one comes right after a call of its own width.
+    assert len(timed) == 2 * bench.CURVE_ROUNDS * len(widths) * block
+    assert all(seen[k] == seen[k - 1] for k in timed[0::2])
 
 
 def test_curve_widths(bench, setup, tmp_path):
