@@ -219,7 +219,7 @@ def resident_bandwidth(device: torch.device, nbytes: int) -> float:
     """Read bandwidth in GB/s of a buffer of `nbytes` (the weights' size) read again and again, as a decode's steps
     read their weights: the best of a few sums after one untimed one. Where the last-level cache holds such a buffer
     (the Intel Xeon's 300 MiB against the default model's 0.27 GB) this is the ceiling a decode meets, not the
-    memory's (56 against 31 GB/s there); elsewhere the two agree."""
+    memory's (39-56 against 32 GB/s there, as the host's other work leaves the cache); elsewhere the two agree."""
     n = max(nbytes // 4, 1)
     x = torch.ones(n, device=device)
     x.sum()
