@@ -254,9 +254,9 @@ def cost_curve(model, widths, batch: int, context: int, compile, cache_len: int 
     Within a round a width is timed after CURVE_BLOCK[0] calls of its own, as a decode's steps run: one compiled
     step after another. Each compiled width holds its own frozen copy of the weights (decoding.compile_fn), and a
     CPU whose last-level cache holds the weights (the Intel Xeon's 300 MiB against 0.27 GB) serves them from there
-    only to calls of the copy read last: one call of each width in turn read every width from memory, priced a
-    12-wide call at 1.17x t(1) where a decode's 12-wide steps cost 1.31x its one-token steps (README, *Sizing the
-    tree to the machine*)."""
+    only to calls of the copy read last: one call of each width in turn read every width from memory and priced a
+    12-wide call at 1.17x t(1), where 12-wide forwards called one after another cost 1.31x the one-token forward
+    and a decode's 12-wide tree steps 1.31-1.40x its AR steps (README, *Sizing the tree to the machine*)."""
     device = model.embed_tokens.weight.device
     g = torch.Generator().manual_seed(0)
     model.setup_caches(batch, max(cache_len, context + max(widths) + 1))
