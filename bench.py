@@ -199,13 +199,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def memory_bandwidth(device: torch.device) -> float:
-    """Read bandwidth in GB/s: the best of a few sums of a buffer far larger than the caches (1 GB on a CPU,
-    whose last-level cache may hold a few hundred MB; 4 GB on a GPU)."""
-    n = (4 << 30 if device.type == "cuda" else 1 << 30) // 4
+def read_bandwidth(device: torch.device, nbytes: int, sums: int, untimed: int = 0) -> float:
+    """GB/s of the fastest of `sums` timed sums of an fp32 buffer of `nbytes`, after `untimed` sums not timed."""
+    n = max(nbytes // 4, 1)
     x = torch.ones(n, device=device)
+    for _ in range(untimed):
+        x.sum()
     best = float("inf")
-    for _ in range(5):
+    for _ in range(sums):
         sync(device)
         t0 = time.perf_counter()
         x.sum()
@@ -213,6 +214,12 @@ def memory_bandwidth(device: torch.device) -> float:
         best = min(best, time.perf_counter() - t0)
     del x
     return n * 4 / best / 1e9
+
+
+def memory_bandwidth(device: torch.device) -> float:
+    """Read bandwidth in GB/s: the best of a few sums of a buffer far larger than the caches (1 GB on a CPU,
+    whose last-level cache may hold a few hundred MB; 4 GB on a GPU)."""
+    return read_bandwidth(device, 4 << 30 if device.type == "cuda" else 1 << 30, sums=5)
 
 
 def resident_bandwidth(device: torch.device, nbytes: int) -> float:
@@ -220,18 +227,7 @@ def resident_bandwidth(device: torch.device, nbytes: int) -> float:
     read their weights: the best of a few sums after one untimed one. Where the last-level cache holds such a buffer
     (the Intel Xeon's 300 MiB against the default model's 0.27 GB) this is the ceiling a decode meets, not the
     memory's (39-56 against 32 GB/s there, as the host's other work leaves the cache); elsewhere the two agree."""
-    n = max(nbytes // 4, 1)
-    x = torch.ones(n, device=device)
-    x.sum()
-    best = float("inf")
-    for _ in range(7):
-        sync(device)
-        t0 = time.perf_counter()
-        x.sum()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    del x
-    return n * 4 / best / 1e9
+    return read_bandwidth(device, nbytes, sums=7, untimed=1)
 
 
 def weight_bytes(model) -> int:
