@@ -248,6 +248,21 @@ class Attention(nn.Module):
         return all_reduce(self.o_proj(y), self.group)  # the heads of every rank
 
 
+WIDE_INPUT = 1024  # products that read more inputs than this get a lone row as one of two: see `product`
+
+
+def product(linear: nn.Linear, x: Tensor) -> Tensor:
+    """linear(x), where a call of one row through a product of more than WIDE_INPUT inputs runs it as the first of
+    two equal rows. A CPU's one-row bf16 product (a matrix-vector kernel) can round a row otherwise than the same row
+    among more rows, and a decode's one-token calls must give the bits of its wider calls (README, *Logits that do
+    not depend on the call*): oneDNN on the AMD EPYC (AVX512-BF16, no AMX) does so from 1280 inputs on (the default
+    model's down_proj, 1536), where every number of rows from 2 to 64 gives a row the same bits. The second row
+    costs nothing a memory-bound product notices."""
+    if x.shape[:-1].numel() == 1 and linear.in_features > WIDE_INPUT:
+        return linear(x.expand(*x.shape[:-2], 2, x.shape[-1]))[..., :1, :]
+    return linear(x)
+
+
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs, group=None):
         super().__init__()
@@ -258,7 +273,7 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(hidden, args.dim, bias=args.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), self.group)
+        return all_reduce(product(self.down_proj, F.silu(self.gate_proj(x)) * self.up_proj(x)), self.group)
 
 
 class TransformerBlock(nn.Module):
