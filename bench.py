@@ -753,7 +753,7 @@ def bench(args: argparse.Namespace) -> None:
         doc = {"model": str(ckpt), "device": device_name(device), "dtype": str(model.embed_tokens.weight.dtype),
                "compiled": bool(compile_), "rounds": args.rounds, "load_average_start": load_start,
                "load_average_end": load_end, "bandwidth_gb_per_s": round(bandwidth, 2), "weights_gb": round(gb, 4),
-               "bound_tokens_per_s": round(bound, 2), "resident_gb_per_s": round(resident, 2),
+               "bound_tokens_per_s": round(bound, 2), "resident_gb_per_s": round(resident, 4),
                "resident_bound_tokens_per_s": round(resident_bound, 2),
                "cost_curve": {str(T): {"ms": round(1e3 * t, 3), "vs_t1": round(t / curve[1], 4),
                                       "used_ms": round(1e3 * used[T], 3)} for T, t in curve.items()},

@@ -252,13 +252,14 @@ WIDE_INPUT = 1024  # products that read more inputs than this get a lone row as 
 
 
 def product(linear: nn.Linear, x: Tensor) -> Tensor:
-    """linear(x), where a call of one row through a product of more than WIDE_INPUT inputs runs it as the first of
-    two equal rows. A CPU's one-row bf16 product (a matrix-vector kernel) can round a row otherwise than the same row
-    among more rows, and a decode's one-token calls must give the bits of its wider calls (README, *Logits that do
-    not depend on the call*): oneDNN on the AMD EPYC (AVX512-BF16, no AMX) does so from 1280 inputs on (the default
-    model's down_proj, 1536), where every number of rows from 2 to 64 gives a row the same bits. The second row
-    costs nothing a memory-bound product notices."""
-    if x.shape[:-1].numel() == 1 and linear.in_features > WIDE_INPUT:
+    """linear(x), where an eager call of one row through a product of more than WIDE_INPUT inputs runs it as the
+    first of two equal rows. A CPU's one-row bf16 product (a matrix-vector kernel) can round a row otherwise than the
+    same row among more rows, and a decode's one-token calls must give the bits of its wider calls (README, *Logits
+    that do not depend on the call*): oneDNN on the AMD EPYC (AVX512-BF16, no AMX) does so from 1280 inputs on (the
+    default model's down_proj, 1536), where every number of rows from 2 to 64 gives a row the same bits. Not in a
+    compiled step: there the second row made the default model's one-token forward 2.03x slower on that CPU, and its
+    one-token calls still got other bits than its wider ones with every product so padded (not found why)."""
+    if x.shape[:-1].numel() == 1 and linear.in_features > WIDE_INPUT and not torch.compiler.is_compiling():
         return linear(x.expand(*x.shape[:-2], 2, x.shape[-1]))[..., :1, :]
     return linear(x)
 
