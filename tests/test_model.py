@@ -241,3 +241,21 @@ def test_tree_logits_are_the_one_token_calls(dtype, compiled):
         trees = [tree_vs_one_token_calls(model, forward, random_tree_mask(T, g), g) for _ in range(3)]
     differ = [(b, i) for tree in trees for b, i, a, ref in tree if not torch.equal(a, ref)]
     assert not differ, f"nodes whose logits differ from the one-token calls': {differ}"
+
+
+def test_a_lone_row_gets_the_bits_it_gets_among_more_rows():
+    # model.product: an eager one-row call through a product of many inputs has the bits of the same row in a wider
+    # call (oneDNN's one-row bf16 kernel on the AMD EPYC rounds otherwise from 1280 inputs on).
+    from minipass.model import WIDE_INPUT, product
+
+    g = torch.Generator().manual_seed(0)
+    for inputs in (576, WIDE_INPUT + 512):
+        linear = torch.nn.Linear(inputs, 576, bias=False).to(torch.bfloat16)
+        x = torch.randn(1, 8, inputs, generator=g).to(torch.bfloat16)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(576, inputs, generator=g))  # unit scale: the default init's small
+            wide = linear(x)  # weights rounded alike at one row here
+            for t in range(8):
+                one = product(linear, x[:, t:t + 1])
+                assert one.shape == (1, 1, 576)
+                assert torch.equal(one[0, 0], wide[0, t]), (inputs, t)
