@@ -253,8 +253,9 @@ def test_a_lone_row_gets_the_bits_it_gets_among_more_rows():
         linear = torch.nn.Linear(inputs, 576, bias=False).to(torch.bfloat16)
         x = torch.randn(1, 8, inputs, generator=g).to(torch.bfloat16)
         with torch.no_grad():
-            linear.weight.copy_(torch.randn(576, inputs, generator=g))  # unit scale: the default init's small
-            wide = linear(x)  # weights rounded alike at one row here
+            # unit-scale weights: with the default init's small ones the one-row kernel happened to round alike
+            linear.weight.copy_(torch.randn(576, inputs, generator=g))
+            wide = linear(x)
             for t in range(8):
                 one = product(linear, x[:, t:t + 1])
                 assert one.shape == (1, 1, 576)
