@@ -256,7 +256,9 @@ def compile_options(device: torch.device) -> dict:
     one-token forward 10.5 against 12.9 ms, the 16-token one 12.9 against 15.3 ms (README, "One step, compiled
     whole"); compile_fn takes it untimed where it fits a bf16 or fp16 product. Without AMX the template was the
     slower choice once the weights stream from memory (it is timed on weights that sit in the cache), so there
-    autotuning stays off: it would only lengthen the compile.
+    autotuning stays off: it would only lengthen the compile, and on such a CPU with AVX512-BF16 the decoding calls'
+    products are minipass's own (kernels/cpu_bf16.py, called by model.product and attention_torch: custom operators
+    that the graph calls, their weights packed once at compile time by freezing), faster there than oneDNN's.
 
     A token's logits must not depend on the width of the call that computes them (README, "Logits that do not depend
     on the call"), so: low-precision intermediates are rounded where eager PyTorch rounds them

@@ -28,6 +28,8 @@ from minipass.config import ModelArgs
 from minipass.distributed import all_gather_last, all_reduce, check_divisible, rank, world_size
 from minipass.memory import check_decode_memory
 
+from minipass.kernels import cpu_bf16
+
 try:  # the Triton kernel is optional: CPU-only machines, and platforms without Triton, use the torch path
     from minipass.kernels.attention import attention as triton_attention
 except ImportError:  # pragma: no cover - exercised on machines without triton
@@ -196,7 +198,11 @@ def attention_torch(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     qg = q.reshape(B, Hkv, G * T, D)  # head h = kv_head * G + g
-    scores = (qg @ k.transpose(-1, -2)).float().view(B, Hkv, G, T, S) * (1.0 / math.sqrt(D))
+    # Decoding calls on a CPU with AVX512-BF16: minipass's products over the cache (kernels/cpu_bf16.py), whose
+    # per-row sums are in a fixed order, in place of batched products whose set-up outweighs their arithmetic.
+    own = layout.recent is not None and cpu_bf16.attention_fits(q, k)
+    scores = cpu_bf16.scores(qg, k) if own else (qg @ k.transpose(-1, -2)).float()
+    scores = scores.view(B, Hkv, G, T, S) * (1.0 / math.sqrt(D))
     if layout.recent is None:  # one softmax and one product over the slots, where the keys are
         probs = torch.softmax(scores + layout.bias[:, None, None], dim=-1)
         return (probs.to(v.dtype).view(B, Hkv, G * T, S) @ v).view(B, Hq, T, D)
@@ -208,7 +214,10 @@ def attention_torch(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
     top = torch.maximum(early.amax(-1, keepdim=True), late.amax(-1, keepdim=True))
     early, late = torch.exp(early - top), torch.exp(late - top)
     total = early.sum(-1, keepdim=True) + late.sum(-1, keepdim=True)
-    y = (early / total).to(v.dtype).view(B, Hkv, G * T, S) @ v  # (B, H_kv, G*T, D)
+    if own:
+        y = cpu_bf16.mix((early / total).view(B, Hkv, G * T, S), v)  # (B, H_kv, G*T, D), fp32
+    else:
+        y = (early / total).to(v.dtype).view(B, Hkv, G * T, S) @ v  # (B, H_kv, G*T, D)
     # Per row, its own keys: a product over its 2R gathered rows of V, in fp32 (on a CPU, MKL's small fp32 products
     # cost a fifth of oneDNN's bf16 ones, whose per-call set-up dominates at these sizes).
     v_late = v.gather(2, keys.expand(B, Hkv, T * R, D)).view(B, Hkv, T, R, D).float()
@@ -233,9 +242,9 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, write_rows: Tensor, cache_seqlens: Tensor,
                 mask: Optional[Tensor], layout: Optional[Layout], kv_len: int) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q = product(self.q_proj, x).view(B, T, self.n_heads, self.head_dim)
+        k = product(self.k_proj, x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = product(self.v_proj, x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         self.kv_cache.write(k, v, write_rows)
 
@@ -245,20 +254,25 @@ class Attention(nn.Module):
         else:
             y = attention_torch(q, self.kv_cache.k[:, :, :kv_len], self.kv_cache.v[:, :, :kv_len], layout)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return all_reduce(self.o_proj(y), self.group)  # the heads of every rank
+        return all_reduce(product(self.o_proj, y), self.group)  # the heads of every rank
 
 
 WIDE_INPUT = 1024  # products that read more inputs than this get a lone row as one of two: see `product`
 
 
 def product(linear: nn.Linear, x: Tensor) -> Tensor:
-    """linear(x), where an eager call of one row through a product of more than WIDE_INPUT inputs runs it as the
-    first of two equal rows. A CPU's one-row bf16 product (a matrix-vector kernel) can round a row otherwise than the
-    same row among more rows, and a decode's one-token calls must give the bits of its wider calls (README, *Logits
-    that do not depend on the call*): oneDNN on the AMD EPYC (AVX512-BF16, no AMX) does so from 1280 inputs on (the
-    default model's down_proj, 1536), where every number of rows from 2 to 64 gives a row the same bits. Not in a
-    compiled step: there the second row made the default model's one-token forward 2.03x slower on that CPU, and its
-    one-token calls still got other bits than its wider ones with every product so padded (not found why)."""
+    """linear(x), on a CPU with AVX512-BF16 through minipass's own bf16 kernel for calls of up to 64 rows
+    (kernels/cpu_bf16.py), whose sums give a row the same bits whatever the other rows of the call, and at the
+    memory's read rate where oneDNN, torch's bf16 product there, streams the weights 1.5x slower.
+
+    Elsewhere torch's product, where an eager call of one row through a product of more than WIDE_INPUT inputs runs
+    it as the first of two equal rows: a CPU's one-row bf16 product (a matrix-vector kernel) can round a row
+    otherwise than the same row among more rows, and a decode's one-token calls must give the bits of its wider
+    calls (README, *Logits that do not depend on the call*): oneDNN on the AMD EPYC (AVX512-BF16, no AMX) does so
+    from 1280 inputs on, where every number of rows from 2 to 64 gives a row the same bits. Not in a compiled step:
+    there the second row made the default model's one-token forward 2.03x slower on that CPU."""
+    if cpu_bf16.fits(x, linear.weight):
+        return cpu_bf16.linear(x, linear.weight, linear.bias)
     if x.shape[:-1].numel() == 1 and linear.in_features > WIDE_INPUT and not torch.compiler.is_compiling():
         return linear(x.expand(*x.shape[:-2], 2, x.shape[-1]))[..., :1, :]
     return linear(x)
@@ -274,7 +288,7 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(hidden, args.dim, bias=args.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return all_reduce(product(self.down_proj, F.silu(self.gate_proj(x)) * self.up_proj(x)), self.group)
+        return all_reduce(product(self.down_proj, F.silu(product(self.gate_proj, x)) * product(self.up_proj, x)), self.group)
 
 
 class TransformerBlock(nn.Module):
@@ -440,5 +454,7 @@ class Transformer(nn.Module):
         The product is one 2-D matrix multiply on contiguous rows: given a 3-D or strided input, F.linear takes a
         batched-matmul path that copies the (vocab, dim) weight transposed on every call."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(h.reshape(-1, h.shape[-1]), weight).view(*h.shape[:-1], weight.shape[0])
+        rows = h.reshape(-1, h.shape[-1])
+        logits = cpu_bf16.linear(rows, weight) if cpu_bf16.fits(rows, weight) else F.linear(rows, weight)
+        logits = logits.view(*h.shape[:-1], weight.shape[0])
         return all_gather_last(logits, self.group)  # tensor parallel: every rank's vocabulary slice

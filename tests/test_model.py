@@ -243,11 +243,18 @@ def test_tree_logits_are_the_one_token_calls(dtype, compiled):
     assert not differ, f"nodes whose logits differ from the one-token calls': {differ}"
 
 
-def test_a_lone_row_gets_the_bits_it_gets_among_more_rows():
-    # model.product: an eager one-row call through a product of many inputs has the bits of the same row in a wider
-    # call (oneDNN's one-row bf16 kernel on the AMD EPYC rounds otherwise from 1280 inputs on).
+@pytest.mark.parametrize("kernel", ["cpu_bf16", "torch"])
+def test_a_lone_row_gets_the_bits_it_gets_among_more_rows(kernel, monkeypatch):
+    # model.product: an eager one-row call has the bits of the same row in a wider call, through minipass's CPU
+    # kernel (its sums do not depend on the other rows) and through torch's product, where a product of many inputs
+    # takes the row as one of two (oneDNN's one-row bf16 kernel on the AMD EPYC rounds otherwise from 1280 inputs on).
+    from minipass.kernels import cpu_bf16
     from minipass.model import WIDE_INPUT, product
 
+    if kernel == "cpu_bf16" and not cpu_bf16.available():
+        pytest.skip(f"minipass's CPU kernel does not run here: {cpu_bf16.why_not()}")
+    if kernel == "torch":
+        monkeypatch.setattr(cpu_bf16, "fits", lambda x, weight: False)
     g = torch.Generator().manual_seed(0)
     for inputs in (576, WIDE_INPUT + 512):
         linear = torch.nn.Linear(inputs, 576, bias=False).to(torch.bfloat16)
@@ -255,7 +262,9 @@ def test_a_lone_row_gets_the_bits_it_gets_among_more_rows():
         with torch.no_grad():
             # unit-scale weights: with the default init's small ones the one-row kernel happened to round alike
             linear.weight.copy_(torch.randn(576, inputs, generator=g))
-            wide = linear(x)
+            wide = product(linear, x)
+            if kernel == "torch":
+                assert torch.equal(wide, linear(x))
             for t in range(8):
                 one = product(linear, x[:, t:t + 1])
                 assert one.shape == (1, 1, 576)

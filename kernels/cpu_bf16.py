@@ -1,0 +1,222 @@
+"""bf16 products for x86 CPUs with AVX512-BF16, for the few rows of a decoding step: a linear layer's y = x W^T
+(`linear`), and attention's scores q K^T and mix P V over a KV cache (`scores`, `mix`).
+
+Why: decoding reads every weight once per step, so its products are matrix-vector (one row) or thin (a tree's 4 to
+64 rows). oneDNN, which runs torch's bf16 products on a CPU without AMX tiles, streams such products at well under
+the memory's read rate, and rounds a row's sums otherwise at one row than among several (README, "Logits that do not
+depend on the call"). This kernel (cpu_bf16.cpp, C++ with AVX512-BF16 intrinsics, built here on first use with
+the machine's C++ compiler) reads the weights packed tile by tile, and sums each output in one fixed order:
+
+    y[m, n] = bf16( sum over p = 0, 1, ..., K/2 - 1, in order, of  x[m, 2p] W[n, 2p] + x[m, 2p+1] W[n, 2p+1] )
+
+in fp32 (one vdpbf16ps lane per output). A row's outputs therefore have the same bits whatever the number of rows
+in the call and however the work is split. Packed layout (see pack): (ceil(N / 64), K / 2, 64, 2).
+
+    from kernels.cpu_bf16 import available, linear
+    y = linear(x, weight)          # x (..., K) bf16 CPU, weight (N, K) bf16: packed once and cached (eager)
+
+Attention's two products over the cache (B, H, S, D) are per row too: scores[r, s] = q[r] . k[s] in fp32 (16 lanes
+over the pairs of d, then a fixed tree over the lanes), and mix[r] = sum over s in order of p[r, s] v[s] in fp32.
+Each replaces a small batched product whose per-call set-up (~25 us) outweighs its arithmetic at decoding sizes.
+
+`linear_reference`, `scores_reference` and `mix_reference` are the same products in torch, for any machine. Depends on
+torch and a C++ compiler only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+TILE = 64  # outputs per packed tile
+MAX_ROWS = 64  # wider calls (a prefill) stay on torch's products, which are the faster there
+SOURCE = Path(__file__).with_name("cpu_bf16.cpp")
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
+         "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+
+_state: dict = {}  # "ok": bool, "why": str (see available)
+
+
+def pack(weight: Tensor) -> Tensor:
+    """(N, K) -> (ceil(N / 64), K / 2, 64, 2): tile t holds outputs 64t .. 64t + 63 (zero rows past N), and for each
+    input pair its 64 weights side by side. K must be even."""
+    N, K = weight.shape
+    padded = F.pad(weight, (0, 0, 0, -N % TILE))
+    return padded.view(-1, TILE, K // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack(packed: Tensor, n: int) -> Tensor:
+    """The (n, K) weight of a packed one."""
+    tiles, pairs = packed.shape[:2]
+    return packed.permute(0, 2, 1, 3).reshape(tiles * TILE, 2 * pairs)[:n]
+
+
+def linear_reference(x: Tensor, packed: Tensor, n: int) -> Tensor:
+    """The kernel's sum in torch: per output, the input pairs added in order into fp32 (each pair's two products,
+    exact in fp32, added to the running sum high element first, as vdpbf16ps specifies), rounded to bf16 once.
+    Slow (a loop over K / 2); for tests."""
+    w = unpack(packed, n).float()
+    xf = x.float()
+    acc = torch.zeros(x.shape[0], n)
+    for p in range(w.shape[1] // 2):
+        acc = acc + xf[:, 2 * p + 1, None] * w[None, :, 2 * p + 1]
+        acc = acc + xf[:, 2 * p, None] * w[None, :, 2 * p]
+    return acc.to(torch.bfloat16)
+
+
+def cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MINIPASS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "minipass")
+    return Path(root)
+
+
+def build() -> Path:
+    """Compile cpu_bf16.cpp against this torch into the cache folder (once per source, torch and flags) and return
+    the shared library. Written to a temporary name and renamed, so a half-built file is never loaded."""
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([torch.__version__, compiler, abi, *FLAGS]).encode())
+    out = cache_dir() / f"cpu_bf16_{key.hexdigest()[:16]}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    libs = [arg for p in cpp_extension.library_paths() for arg in (f"-L{p}", f"-Wl,-rpath,{p}")]
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler, *FLAGS, abi, *includes, str(SOURCE), "-o", tmp, *libs, "-ltorch", "-ltorch_cpu", "-lc10"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {SOURCE}: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@torch.compiler.assume_constant_result  # a compiled graph calls it while tracing, not from the graph
+def available() -> bool:
+    """Whether the kernel runs here: an x86 CPU with AVX512-BF16, and the library built and loaded (the first call
+    builds it: ~10 s). MINIPASS_CPU_KERNELS=0 turns it off. `why_not()` says why it does not run."""
+    if "ok" not in _state:
+        _state["ok"], _state["why"] = False, ""
+        if os.environ.get("MINIPASS_CPU_KERNELS", "1") == "0":
+            _state["why"] = "turned off by MINIPASS_CPU_KERNELS=0"
+        elif sys.platform != "linux" or "avx512_bf16" not in cpu_flags():
+            _state["why"] = "this CPU has no AVX512-BF16"
+        else:
+            try:
+                torch.ops.load_library(str(build()))
+                torch.library.register_fake("minipass_cpu::linear_bf16")(
+                    lambda x, w, n: x.new_empty(x.shape[0], n))
+                torch.library.register_fake("minipass_cpu::scores_bf16")(
+                    lambda q, k: q.new_empty(*q.shape[:3], k.shape[2], dtype=torch.float32))
+                torch.library.register_fake("minipass_cpu::mix_bf16")(
+                    lambda p, v: p.new_empty(*p.shape[:3], v.shape[3]))
+                _state["ok"] = True
+            except (OSError, RuntimeError) as e:
+                _state["why"] = f"the kernel could not be built or loaded: {e}"
+    return _state["ok"]
+
+
+def why_not() -> str:
+    available()
+    return _state["why"]
+
+
+def ops():
+    """torch.ops.minipass_cpu, the kernels' operators, loaded (raises where they do not run: see available)."""
+    if not available():
+        raise RuntimeError(f"minipass's CPU kernels do not run here: {why_not()}")
+    return torch.ops.minipass_cpu
+
+
+def fits(x: Tensor, weight: Tensor) -> bool:
+    """Whether linear() takes this product: bf16 on the CPU, at most MAX_ROWS rows, an even number of inputs."""
+    return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and x.shape[:-1].numel() <= MAX_ROWS and x.shape[-1] % 2 == 0 and available())
+
+
+def packed_weight(weight: Tensor) -> Tensor:
+    """pack(weight): in a compiled graph, where freezing folds it into a constant, computed in the graph; eager,
+    packed once and kept on the tensor until it changes (its version counter or storage)."""
+    if torch.compiler.is_compiling():
+        return pack(weight)
+    stamp = (weight._version, weight.data_ptr(), tuple(weight.shape))
+    cached = getattr(weight, "_cpu_bf16_packed", None)
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, pack(weight.detach()))
+        weight._cpu_bf16_packed = cached
+    return cached[1]
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """F.linear(x, weight, bias) through the kernel (see fits). The bias, if any, is added to the rounded product."""
+    y = ops().linear_bf16(x.reshape(-1, x.shape[-1]), packed_weight(weight), weight.shape[0])
+    y = y.view(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias
+
+
+def attention_fits(q: Tensor, k: Tensor) -> bool:
+    """Whether scores() and mix() take attention over this cache: bf16 on the CPU, D a multiple of 32."""
+    return (q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16 and q.device.type == "cpu"
+            and q.shape[-1] % 32 == 0 and q.shape[-1] <= 256 and available())
+
+
+def scores(q: Tensor, k: Tensor) -> Tensor:
+    """q (B, H, R, D) times k (B, H, S, D) transposed: (B, H, R, S) fp32 scores (see attention_fits)."""
+    return ops().scores_bf16(q, k)
+
+
+def mix(p: Tensor, v: Tensor) -> Tensor:
+    """p (B, H, R, S) fp32 times v (B, H, S, D) bf16: (B, H, R, D) fp32 (see attention_fits)."""
+    return ops().mix_bf16(p, v)
+
+
+def scores_reference(q: Tensor, k: Tensor) -> Tensor:
+    """The kernel's scores in torch: lane l of 16 adds the pairs of d = 32j + 2l, 32j + 2l + 1 for j in order (high
+    element first, as vdpbf16ps), then the lanes are added as _mm512_reduce_add_ps does (halves, then quarters...).
+    Slow; for tests."""
+    qf, kf = q.float(), k.float()
+    D = q.shape[-1]
+    lanes = torch.zeros(*q.shape[:3], k.shape[2], 16)
+    for j in range(D // 32):
+        for e in (1, 0):
+            d = 32 * j + 2 * torch.arange(16) + e
+            lanes = lanes + qf[..., d][:, :, :, None, :] * kf[..., d][:, :, None, :, :]
+    while lanes.shape[-1] > 1:
+        half = lanes.shape[-1] // 2
+        lanes = lanes[..., :half] + lanes[..., half:]
+    return lanes[..., 0]
+
+
+def mix_reference(p: Tensor, v: Tensor) -> Tensor:
+    """The kernel's mix in torch: the slots added in order, each product rounded once and added (an fp32 fused
+    multiply-add rounds once: the product p v of a bf16 v in fp32 is exact only when p's bits allow, so this adds in
+    float64 and rounds each step to fp32, which is what a fused multiply-add gives). Slow; for tests."""
+    acc = torch.zeros(*p.shape[:3], v.shape[3], dtype=torch.float64)
+    vd, pd = v.double(), p.double()
+    for s in range(p.shape[3]):
+        acc = (acc + pd[..., s, None] * vd[:, :, None, s, :]).float().double()
+    return acc.float()
