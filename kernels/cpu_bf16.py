@@ -152,10 +152,19 @@ def ops():
     return torch.ops.minipass_cpu
 
 
+@torch.compiler.assume_constant_result
+def preferred() -> bool:
+    """Whether decoding should take these kernels (fits, attention_fits): where they run, except on a CPU with AMX
+    tiles, whose products (inductor's C++ GEMM template in a compiled step, decoding.compile_options) multiply a
+    tree's many rows faster than AVX512-BF16 dot products can. MINIPASS_CPU_KERNELS=1 takes them there too."""
+    forced = os.environ.get("MINIPASS_CPU_KERNELS") == "1"
+    return available() and (forced or "amx_bf16" not in cpu_flags())
+
+
 def fits(x: Tensor, weight: Tensor) -> bool:
     """Whether linear() takes this product: bf16 on the CPU, at most MAX_ROWS rows, an even number of inputs."""
     return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and x.shape[:-1].numel() <= MAX_ROWS and x.shape[-1] % 2 == 0 and available())
+            and x.shape[:-1].numel() <= MAX_ROWS and x.shape[-1] % 2 == 0 and preferred())
 
 
 def packed_weight(weight: Tensor) -> Tensor:
@@ -181,7 +190,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 def attention_fits(q: Tensor, k: Tensor) -> bool:
     """Whether scores() and mix() take attention over this cache: bf16 on the CPU, D a multiple of 32."""
     return (q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16 and q.device.type == "cpu"
-            and q.shape[-1] % 32 == 0 and q.shape[-1] <= 256 and available())
+            and q.shape[-1] % 32 == 0 and q.shape[-1] <= 256 and preferred())
 
 
 def scores(q: Tensor, k: Tensor) -> Tensor:

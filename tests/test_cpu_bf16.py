@@ -94,7 +94,7 @@ def test_fits_only_small_bf16_cpu_calls():
     assert not cpu_bf16.fits(bf16(2, 64).float(), w.float())
     assert not cpu_bf16.fits(bf16(cpu_bf16.MAX_ROWS + 1, 64), w)
     assert not cpu_bf16.fits(bf16(2, 63), bf16(8, 63))
-    assert cpu_bf16.fits(bf16(2, 64), w) == cpu_bf16.available()
+    assert cpu_bf16.fits(bf16(2, 64), w) == cpu_bf16.preferred()
 
 
 def test_the_kernel_agrees_with_f_linear():
