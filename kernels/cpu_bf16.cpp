@@ -1,16 +1,16 @@
 // bf16 products for the few rows of a decoding step on x86 CPUs with AVX512-BF16 (built by cpu_bf16.py on first
 // use): a linear layer's y = x W^T, and attention's scores q K^T and its mix P V over a KV cache.
 //
-// linear_bf16: x (M, K) bf16, rows contiguous; W (N, K) packed as (ceil(N / 64), K / 2, 64, 2): tile t holds outputs
-// 64 t .. 64 t + 63, and for each pair of inputs (2p, 2p + 1) their 64 weights side by side, input-pair-major, so a
+// linear_bf16: x (M, K) bf16, rows contiguous; W (N, K) packed as (ceil(N / 32), K / 2, 32, 2): tile t holds outputs
+// 32 t .. 32 t + 31, and for each pair of inputs (2p, 2p + 1) their 32 weights side by side, input-pair-major, so a
 // tile streams from memory in one pass. Each output is one lane of a 16-wide fp32 accumulator that adds the pairs
 // p = 0, 1, ... in order (vdpbf16ps: acc + x[2p] w[2p] + x[2p+1] w[2p+1]), then rounds to bf16 once. The sum of
 // output (m, n) therefore depends on row m of x and row n of W only: any number of rows, any split into tiles or
 // threads gives a row the same bits, which is what lets a decode's one-token and wider calls agree exactly.
 //
-// The loop: threads split the tiles; within a tile, rows go in blocks of 4 (4 x 4 accumulators), so a tile is read
-// from memory once and from the L2 cache for the other blocks. One-row calls stream the weights at about the read
-// rate of the memory; at 16 rows the dot-product units are the limit.
+// The loop: threads split the tiles; within a tile, rows go in blocks of 8 (8 x 2 accumulators), so a call of up to
+// 8 rows reads a tile once, from memory (wider calls read it again from the L2 cache for each further block). One-row
+// calls stream the weights at about the read rate of the memory; from 8 rows on the dot-product units are the limit.
 #include <algorithm>
 
 #include <ATen/ATen.h>
@@ -20,27 +20,23 @@
 
 namespace {
 
-constexpr int64_t TILE = 64;  // outputs per tile: 4 vectors of 16 fp32 lanes
+constexpr int64_t TILE = 32;  // outputs per tile: 2 vectors of 16 fp32 lanes
 
 template <int MB>
 inline void tile(const uint32_t* x, int64_t pairs, const uint16_t* w, at::BFloat16* y, int64_t N, int64_t n0) {
-  __m512 acc[MB][4];
-  for (int j = 0; j < MB; ++j)
-    for (int v = 0; v < 4; ++v) acc[j][v] = _mm512_setzero_ps();
+  __m512 acc[MB][2];
+  for (int j = 0; j < MB; ++j) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
     const uint16_t* wp = w + p * 2 * TILE;
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp), w1 = (__m512bh)_mm512_loadu_si512(wp + 32),
-                   w2 = (__m512bh)_mm512_loadu_si512(wp + 64), w3 = (__m512bh)_mm512_loadu_si512(wp + 96);
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp), w1 = (__m512bh)_mm512_loadu_si512(wp + 32);
     for (int j = 0; j < MB; ++j) {
       const __m512bh xj = (__m512bh)_mm512_set1_epi32((int)x[j * pairs + p]);  // the pair (x[2p], x[2p+1])
       acc[j][0] = _mm512_dpbf16_ps(acc[j][0], w0, xj);
       acc[j][1] = _mm512_dpbf16_ps(acc[j][1], w1, xj);
-      acc[j][2] = _mm512_dpbf16_ps(acc[j][2], w2, xj);
-      acc[j][3] = _mm512_dpbf16_ps(acc[j][3], w3, xj);
     }
   }
   for (int j = 0; j < MB; ++j)
-    for (int v = 0; v < 4; ++v) {
+    for (int v = 0; v < 2; ++v) {
       const int64_t n = n0 + 16 * v;
       if (n >= N) break;
       const __m256i h = (__m256i)_mm512_cvtneps_pbh(acc[j][v]);  // round to nearest even
@@ -67,8 +63,12 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, int64_t N) {
     for (int64_t t = t0; t < t1; ++t) {
       const uint16_t* wt = wp + t * pairs * 2 * TILE;
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) tile<4>(xp + m * pairs, pairs, wt, yp + m * N, N, t * TILE);
+      for (; m + 8 <= M; m += 8) tile<8>(xp + m * pairs, pairs, wt, yp + m * N, N, t * TILE);
       switch (M - m) {
+        case 7: tile<7>(xp + m * pairs, pairs, wt, yp + m * N, N, t * TILE); break;
+        case 6: tile<6>(xp + m * pairs, pairs, wt, yp + m * N, N, t * TILE); break;
+        case 5: tile<5>(xp + m * pairs, pairs, wt, yp + m * N, N, t * TILE); break;
+        case 4: tile<4>(xp + m * pairs, pairs, wt, yp + m * N, N, t * TILE); break;
         case 3: tile<3>(xp + m * pairs, pairs, wt, yp + m * N, N, t * TILE); break;
         case 2: tile<2>(xp + m * pairs, pairs, wt, yp + m * N, N, t * TILE); break;
         case 1: tile<1>(xp + m * pairs, pairs, wt, yp + m * N, N, t * TILE); break;

@@ -10,7 +10,7 @@ the machine's C++ compiler) reads the weights packed tile by tile, and sums each
     y[m, n] = bf16( sum over p = 0, 1, ..., K/2 - 1, in order, of  x[m, 2p] W[n, 2p] + x[m, 2p+1] W[n, 2p+1] )
 
 in fp32 (one vdpbf16ps lane per output). A row's outputs therefore have the same bits whatever the number of rows
-in the call and however the work is split. Packed layout (see pack): (ceil(N / 64), K / 2, 64, 2).
+in the call and however the work is split. Packed layout (see pack): (ceil(N / 32), K / 2, 32, 2).
 
     from kernels.cpu_bf16 import available, linear
     y = linear(x, weight)          # x (..., K) bf16 CPU, weight (N, K) bf16: packed once and cached (eager)
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-TILE = 64  # outputs per packed tile
+TILE = 32  # outputs per packed tile
 MAX_ROWS = 64  # wider calls (a prefill) stay on torch's products, which are the faster there
 SOURCE = Path(__file__).with_name("cpu_bf16.cpp")
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
@@ -47,8 +47,8 @@ _state: dict = {}  # "ok": bool, "why": str (see available)
 
 
 def pack(weight: Tensor) -> Tensor:
-    """(N, K) -> (ceil(N / 64), K / 2, 64, 2): tile t holds outputs 64t .. 64t + 63 (zero rows past N), and for each
-    input pair its 64 weights side by side. K must be even."""
+    """(N, K) -> (ceil(N / 32), K / 2, 32, 2): tile t holds outputs 32t .. 32t + 31 (zero rows past N), and for each
+    input pair its 32 weights side by side. K must be even."""
     N, K = weight.shape
     padded = F.pad(weight, (0, 0, 0, -N % TILE))
     return padded.view(-1, TILE, K // 2, 2).permute(0, 2, 1, 3).contiguous()
@@ -167,16 +167,18 @@ def fits(x: Tensor, weight: Tensor) -> bool:
             and x.shape[:-1].numel() <= MAX_ROWS and x.shape[-1] % 2 == 0 and preferred())
 
 
-def packed_weight(weight: Tensor) -> Tensor:
-    """pack(weight): in a compiled graph, where freezing folds it into a constant, computed in the graph; eager,
-    packed once and kept on the tensor until it changes (its version counter or storage)."""
+def packed_weight(*weights: Tensor) -> Tensor:
+    """pack() of the weights stacked along their outputs (one, or several that share an input: q, k and v): in a
+    compiled graph, where freezing folds it into a constant, computed in the graph; eager, packed once and kept on
+    the first weight until one of them changes (its version counter or storage)."""
     if torch.compiler.is_compiling():
-        return pack(weight)
-    stamp = (weight._version, weight.data_ptr(), tuple(weight.shape))
-    cached = getattr(weight, "_cpu_bf16_packed", None)
+        return pack(weights[0] if len(weights) == 1 else torch.cat(weights))
+    stamp = tuple((w._version, w.data_ptr(), tuple(w.shape)) for w in weights)
+    cached = getattr(weights[0], "_cpu_bf16_packed", None)
     if cached is None or cached[0] != stamp:
-        cached = (stamp, pack(weight.detach()))
-        weight._cpu_bf16_packed = cached
+        w = weights[0] if len(weights) == 1 else torch.cat(weights)
+        cached = (stamp, pack(w.detach()))
+        weights[0]._cpu_bf16_packed = cached
     return cached[1]
 
 
@@ -185,6 +187,16 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     y = ops().linear_bf16(x.reshape(-1, x.shape[-1]), packed_weight(weight), weight.shape[0])
     y = y.view(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias
+
+
+def linears(x: Tensor, weights: list, biases: list) -> list:
+    """[F.linear(x, w, b) for each weight and bias] in one call of the kernel, on the weights stacked along their
+    outputs (one read of x, one parallel region): each output has the bits linear() gives it (its sum does not
+    depend on the other outputs). Biases (None or tensors) are added to the rounded products."""
+    sizes = [w.shape[0] for w in weights]
+    y = ops().linear_bf16(x.reshape(-1, x.shape[-1]), packed_weight(*weights), sum(sizes))
+    parts = y.view(*x.shape[:-1], sum(sizes)).split(sizes, dim=-1)
+    return [p if b is None else p + b for p, b in zip(parts, biases)]
 
 
 def attention_fits(q: Tensor, k: Tensor) -> bool:

@@ -25,6 +25,7 @@ import contextlib
 import statistics
 import sys
 import time
+from dataclasses import replace
 from unittest import mock
 
 import torch
@@ -32,7 +33,7 @@ import torch._inductor.config
 
 from minipass import decoding, pass_decoding, tree_decoding
 from minipass.config import ModelArgs
-from minipass.decoders import LOOKAHEAD_MODES, MODES, DecoderOptions, lookahead_for, make_decoder
+from minipass.decoders import LOOKAHEAD_MODES, MODES, DecoderOptions, lookahead_for, make_decoder, with_tree
 from minipass.cli import run_cli
 from minipass.decoding import SamplingParams
 from minipass.loading import load_checkpoint
@@ -147,6 +148,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--eager", action="store_true", help="time the steps uncompiled")
+    p.add_argument("--tree", default=None, metavar="N,M,L",
+                   help="the tree mode's nodes N, look-ahead blocks M and look-ahead tokens L (default: the default "
+                        "tree; bench.py prints the sizes it picks)")
     p.add_argument("--profile", type=int, default=0, metavar="K",
                    help="also print, per mode, the K costliest operations of one round of steps, of forwards and of "
                         "stand-in steps (torch.profiler, with shapes)")
@@ -161,6 +165,8 @@ def bench(args) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     L = DecoderOptions().lookahead
+    if args.tree:
+        nodes, blocks, L = (int(v) for v in args.tree.split(","))
     if args.ckpt:
         model, _, _ = load_checkpoint(None if args.ckpt == "default" else args.ckpt, args.dtype, device="cpu")
         lookahead, _ = lookahead_for(model, None, L, default_model=args.ckpt == "default")
@@ -175,6 +181,8 @@ def bench(args) -> None:
     first = 100 if model.args.vocab_size > 1000 else 0
     prompts = torch.randint(first, first + 16, (args.batch_size, args.prompt_len), generator=g).tolist()
     options = DecoderOptions(compile=not args.eager, cache_len=args.prompt_len + 192)
+    if args.tree:
+        options = with_tree(replace(options, lookahead=L), nodes=nodes, blocks=blocks)
     sampling = SamplingParams()  # greedy
     print(f"{name} model ({model.embed_tokens.weight.dtype}), batch {args.batch_size}, prompt {args.prompt_len} tokens, greedy, "
           f"{'eager' if args.eager else 'compiled'}, {torch.get_num_threads()} threads; ms per call, median "

@@ -35,6 +35,14 @@ def test_prints_a_row_per_mode(capsys):
     assert all(float(rows[m][9]) > 0 for m in rows)  # the step with stand-in forwards
 
 
+def test_a_tree_of_given_sizes_is_that_wide(capsys):
+    # --tree N,M,L: 1 root + N nodes + M blocks of L look-ahead tokens
+    bench_step.main(["--modes", "tree", "--tree", "2,1,1", "--batch-size", "2", "--prompt-len", "8", "--steps", "2",
+                     "--rounds", "2", "--eager"])
+    (row,) = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert row[:2] == ["tree", "4"]
+
+
 def test_stand_in_forward_returns_the_recorded_output_of_a_call_of_that_shape():
     model = tiny_model("tiny", seed=0)
     tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])

@@ -138,3 +138,16 @@ def test_attention_products_refuse_what_they_cannot_read():
         cpu_bf16.scores(q, k)
     with pytest.raises(RuntimeError, match="must be fp32"):
         cpu_bf16.mix(bf16(1, 3, 2, 8), bf16(1, 3, 8, 64))
+
+
+@needs_kernel
+def test_stacked_weights_give_each_output_its_own_bits():
+    x = bf16(5, 96, seed=19)
+    ws = [bf16(150, 96, seed=20), bf16(40, 96, seed=21), bf16(40, 96, seed=22)]
+    bs = [None, bf16(40, seed=23), None]
+    got = cpu_bf16.linears(x, ws, bs)
+    for y, w, b in zip(got, ws, bs):
+        assert torch.equal(y, cpu_bf16.linear(x, w, b))
+    with torch.no_grad():
+        ws[2].add_(1)  # the last weight changes: the stacked packing is made again
+    assert torch.equal(cpu_bf16.linears(x, ws, bs)[2], cpu_bf16.linear(x, ws[2]))
