@@ -184,9 +184,7 @@ def packed_weight(*weights: Tensor) -> Tensor:
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """F.linear(x, weight, bias) through the kernel (see fits). The bias, if any, is added to the rounded product."""
-    y = ops().linear_bf16(x.reshape(-1, x.shape[-1]), packed_weight(weight), weight.shape[0])
-    y = y.view(*x.shape[:-1], weight.shape[0])
-    return y if bias is None else y + bias
+    return linears(x, [weight], [bias])[0]
 
 
 def linears(x: Tensor, weights: list, biases: list) -> list:

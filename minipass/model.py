@@ -26,9 +26,8 @@ from torch import Tensor
 
 from minipass.config import ModelArgs
 from minipass.distributed import all_gather_last, all_reduce, check_divisible, rank, world_size
-from minipass.memory import check_decode_memory
-
 from minipass.kernels import cpu_bf16
+from minipass.memory import check_decode_memory
 
 try:  # the Triton kernel is optional: CPU-only machines, and platforms without Triton, use the torch path
     from minipass.kernels.attention import attention as triton_attention
