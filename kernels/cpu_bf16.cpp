@@ -12,6 +12,7 @@
 // 8 rows reads a tile once, from memory (wider calls read it again from the L2 cache for each further block). One-row
 // calls stream the weights at about the read rate of the memory; from 8 rows on the dot-product units are the limit.
 #include <algorithm>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -96,32 +97,50 @@ inline __m512 lane_sums(const __m512* acc) {
   return _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88), _mm512_shuffle_ps(e[0], e[1], 0xDD));
 }
 
-// scores[b, h, r, s] = q[b, h, r, :] . k[b, h, s, :] in fp32 (q: (B, H, R, D), k: (B, H, S, D), both bf16 with
-// contiguous rows of D, a multiple of 32). Per score: 16 lanes add the pairs of d in order (vdpbf16ps), then the
-// lanes are added in the fixed tree of _mm512_reduce_add_ps. A score depends on its own q row and k row only.
-at::Tensor scores_bf16(const at::Tensor& q, const at::Tensor& k) {
+// The slots of batch row b that are read, n[b] clamped to 0 .. S (n: (B,) int64 on the CPU): a decoding step attends
+// over the slots its tokens were written to and below, not over the whole cache it was given.
+inline std::vector<int64_t> spans(const at::Tensor& n, int64_t B, int64_t S) {
+  TORCH_CHECK(n.dim() == 1 && n.size(0) == B && n.scalar_type() == at::kLong && n.device().is_cpu(),
+              "cpu_bf16: n must be a (", B, ",) int64 CPU tensor of slots per batch row, got ", n.sizes(), " ",
+              n.scalar_type());
+  const at::Tensor nc = n.contiguous();
+  const int64_t* np = nc.data_ptr<int64_t>();
+  std::vector<int64_t> out(B);
+  for (int64_t b = 0; b < B; ++b) out[b] = std::min<int64_t>(std::max<int64_t>(np[b], 0), S);
+  return out;
+}
+
+// scores[b, h, r, s] = q[b, h, r, :] . k[b, h, s, :] in fp32 for s < n[b], 0 from n[b] on (q: (B, H, R, D), k: (B, H,
+// S, D), both bf16 with contiguous rows of D, a multiple of 32). Per score: 16 lanes add the pairs of d in order
+// (vdpbf16ps), then the lanes are added in the fixed tree of _mm512_reduce_add_ps. A score depends on its own q row
+// and k row only.
+at::Tensor scores_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& n) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(1) == k.size(1) &&
                   q.size(3) == k.size(3) && q.size(3) % 32 == 0 && q.stride(3) == 1 && k.stride(3) == 1 &&
                   q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16,
               "scores_bf16: q ", q.sizes(), " and k ", k.sizes(), " must be bf16 (B, H, R, D) and (B, H, S, D), D a "
               "multiple of 32, rows contiguous");
   const int64_t B = q.size(0), H = q.size(1), R = q.size(2), S = k.size(2), D = q.size(3);
+  const std::vector<int64_t> span = spans(n, B, S);
   at::Tensor out = at::empty({B, H, R, S}, q.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   const uint16_t* qp = (const uint16_t*)q.data_ptr();
   const uint16_t* kp = (const uint16_t*)k.data_ptr();
   // rows in parallel once there is enough work: a one-token call's few rows stay on the calling thread
-  at::parallel_for(0, B * H * R, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, S * D / 32)), [&](int64_t i0, int64_t i1) {
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, span[b]);
+  at::parallel_for(0, B * H * R, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, longest * D / 32)), [&](int64_t i0, int64_t i1) {
     __m512 acc[16];
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (H * R), h = (i / R) % H, r = i % R;
+      const int64_t b = i / (H * R), h = (i / R) % H, r = i % R, Sb = span[b];
       const uint16_t* qr = qp + b * q.stride(0) + h * q.stride(1) + r * q.stride(2);
       const uint16_t* kh = kp + b * k.stride(0) + h * k.stride(1);
       float* orow = o + i * S;
-      for (int64_t s0 = 0; s0 < S; s0 += 16) {
-        const int64_t n = std::min<int64_t>(16, S - s0);
-        const uint16_t* ks[16];  // past S (the last block), the last slot again: computed, then not stored
-        for (int j = 0; j < 16; ++j) ks[j] = kh + std::min<int64_t>(s0 + j, S - 1) * k.stride(2);
+      std::fill(orow + Sb, orow + S, 0.0f);
+      for (int64_t s0 = 0; s0 < Sb; s0 += 16) {
+        const int64_t n = std::min<int64_t>(16, Sb - s0);
+        const uint16_t* ks[16];  // past the span (the last block), its last slot again: computed, then not stored
+        for (int j = 0; j < 16; ++j) ks[j] = kh + std::min<int64_t>(s0 + j, Sb - 1) * k.stride(2);
         for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
         for (int64_t d = 0; d < D; d += 32) {
           const __m512bh qv = (__m512bh)_mm512_loadu_si512(qr + d);
@@ -135,18 +154,19 @@ at::Tensor scores_bf16(const at::Tensor& q, const at::Tensor& k) {
   return out;
 }
 
-// y[b, h, r, :] = sum over s = 0, 1, ..., S - 1, in order, of p[b, h, r, s] v[b, h, s, :], in fp32 (one fused
-// multiply-add per term; p: (B, H, R, S) fp32, v: (B, H, S, D) bf16 with contiguous rows, D a multiple of 16). Terms
-// whose p is zero (the masked slots) are skipped where a block of 4 rows has them all: adding p v = 0 leaves the sum's
-// bits as they are, so a row's sum depends on its own p row only.
+// y[b, h, r, :] = sum over s = 0, 1, ..., n[b] - 1, in order, of p[b, h, r, s] v[b, h, s, :], in fp32 (one fused
+// multiply-add per term; p: (B, H, R, S) fp32, v: (B, H, S, D) bf16 with contiguous rows, D a multiple of 16; the
+// slots from n[b] on are not read: the caller's p is zero there). Terms whose p is zero (the masked slots) are skipped
+// where a block of 4 rows has them all: adding p v = 0 leaves the sum's bits as they are, so a row's sum depends on
+// its own p row only.
 template <int RB>
-inline void mix_rows(const float* p, int64_t S, const uint16_t* v, int64_t sv, int64_t D, float* y) {
+inline void mix_rows(const float* p, int64_t S, int64_t Sb, const uint16_t* v, int64_t sv, int64_t D, float* y) {
   for (int64_t d0 = 0; d0 < D; d0 += 64) {
     const int nv = (int)std::min<int64_t>(4, (D - d0) / 16);
     __m512 acc[RB][4];
     for (int j = 0; j < RB; ++j)
       for (int c = 0; c < 4; ++c) acc[j][c] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < S; ++s) {
+    for (int64_t s = 0; s < Sb; ++s) {
       bool zero = true;
       for (int j = 0; j < RB; ++j) zero = zero && p[j * S + s] == 0.0f;
       if (zero) continue;
@@ -165,7 +185,7 @@ inline void mix_rows(const float* p, int64_t S, const uint16_t* v, int64_t sv, i
   }
 }
 
-at::Tensor mix_bf16(const at::Tensor& p, const at::Tensor& v) {
+at::Tensor mix_bf16(const at::Tensor& p, const at::Tensor& v, const at::Tensor& n) {
   TORCH_CHECK(p.dim() == 4 && v.dim() == 4 && p.size(0) == v.size(0) && p.size(1) == v.size(1) &&
                   p.size(3) == v.size(2) && v.size(3) % 16 == 0 && v.stride(3) == 1 &&
                   p.scalar_type() == at::kFloat && v.scalar_type() == at::kBFloat16,
@@ -173,22 +193,26 @@ at::Tensor mix_bf16(const at::Tensor& p, const at::Tensor& v) {
               "multiple of 16, rows contiguous");
   const at::Tensor pc = p.contiguous();
   const int64_t B = p.size(0), H = p.size(1), R = p.size(2), S = p.size(3), D = v.size(3);
+  const std::vector<int64_t> span = spans(n, B, S);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, span[b]);
   at::Tensor out = at::empty({B, H, R, D}, p.options());
   float* o = out.data_ptr<float>();
   const float* pp = pc.data_ptr<float>();
   const uint16_t* vp = (const uint16_t*)v.data_ptr();
   const int64_t blocks = (R + 3) / 4;
-  at::parallel_for(0, B * H * blocks, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, S * D / 16)), [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, B * H * blocks, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, longest * D / 16)), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (H * blocks), h = (i / blocks) % H, r = 4 * (i % blocks);
       const float* pr = pp + ((b * H + h) * R + r) * S;
       const uint16_t* vh = vp + b * v.stride(0) + h * v.stride(1);
       float* yr = o + ((b * H + h) * R + r) * D;
+      const int64_t Sb = span[b];
       switch (std::min<int64_t>(4, R - r)) {
-        case 4: mix_rows<4>(pr, S, vh, v.stride(2), D, yr); break;
-        case 3: mix_rows<3>(pr, S, vh, v.stride(2), D, yr); break;
-        case 2: mix_rows<2>(pr, S, vh, v.stride(2), D, yr); break;
-        default: mix_rows<1>(pr, S, vh, v.stride(2), D, yr); break;
+        case 4: mix_rows<4>(pr, S, Sb, vh, v.stride(2), D, yr); break;
+        case 3: mix_rows<3>(pr, S, Sb, vh, v.stride(2), D, yr); break;
+        case 2: mix_rows<2>(pr, S, Sb, vh, v.stride(2), D, yr); break;
+        default: mix_rows<1>(pr, S, Sb, vh, v.stride(2), D, yr); break;
       }
     }
   });
@@ -199,8 +223,8 @@ at::Tensor mix_bf16(const at::Tensor& p, const at::Tensor& v) {
 
 TORCH_LIBRARY(minipass_cpu, m) {
   m.def("linear_bf16(Tensor x, Tensor w, int n) -> Tensor");
-  m.def("scores_bf16(Tensor q, Tensor k) -> Tensor");
-  m.def("mix_bf16(Tensor p, Tensor v) -> Tensor");
+  m.def("scores_bf16(Tensor q, Tensor k, Tensor n) -> Tensor");
+  m.def("mix_bf16(Tensor p, Tensor v, Tensor n) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(minipass_cpu, CPU, m) {
   m.impl("linear_bf16", linear_bf16);

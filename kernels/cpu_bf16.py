@@ -131,9 +131,9 @@ def available() -> bool:
                 torch.library.register_fake("minipass_cpu::linear_bf16")(
                     lambda x, w, n: x.new_empty(x.shape[0], n))
                 torch.library.register_fake("minipass_cpu::scores_bf16")(
-                    lambda q, k: q.new_empty(*q.shape[:3], k.shape[2], dtype=torch.float32))
+                    lambda q, k, n: q.new_empty(*q.shape[:3], k.shape[2], dtype=torch.float32))
                 torch.library.register_fake("minipass_cpu::mix_bf16")(
-                    lambda p, v: p.new_empty(*p.shape[:3], v.shape[3]))
+                    lambda p, v, n: p.new_empty(*p.shape[:3], v.shape[3]))
                 _state["ok"] = True
             except (OSError, RuntimeError) as e:
                 _state["why"] = f"the kernel could not be built or loaded: {e}"
@@ -203,17 +203,24 @@ def attention_fits(q: Tensor, k: Tensor) -> bool:
             and q.shape[-1] % 32 == 0 and q.shape[-1] <= 256 and preferred())
 
 
-def scores(q: Tensor, k: Tensor) -> Tensor:
-    """q (B, H, R, D) times k (B, H, S, D) transposed: (B, H, R, S) fp32 scores (see attention_fits)."""
-    return ops().scores_bf16(q, k)
+def _span(n: Optional[Tensor], B: int, S: int) -> Tensor:
+    return torch.full((B,), S, dtype=torch.long) if n is None else n
 
 
-def mix(p: Tensor, v: Tensor) -> Tensor:
-    """p (B, H, R, S) fp32 times v (B, H, S, D) bf16: (B, H, R, D) fp32 (see attention_fits)."""
-    return ops().mix_bf16(p, v)
+def scores(q: Tensor, k: Tensor, n: Optional[Tensor] = None) -> Tensor:
+    """q (B, H, R, D) times k (B, H, S, D) transposed: (B, H, R, S) fp32 scores (see attention_fits). n (B,) int64:
+    batch row b's scores are computed over slots 0 .. n[b] - 1 only and are 0 from n[b] on (None: all S), so a
+    decoding step costs what its rows' lengths ask, not what the cache holds."""
+    return ops().scores_bf16(q, k, _span(n, q.shape[0], k.shape[2]))
 
 
-def scores_reference(q: Tensor, k: Tensor) -> Tensor:
+def mix(p: Tensor, v: Tensor, n: Optional[Tensor] = None) -> Tensor:
+    """p (B, H, R, S) fp32 times v (B, H, S, D) bf16: (B, H, R, D) fp32 (see attention_fits), over slots 0 .. n[b] - 1
+    of batch row b (None: all S); p must be zero from n[b] on, where the slots are not read."""
+    return ops().mix_bf16(p, v, _span(n, p.shape[0], p.shape[3]))
+
+
+def scores_reference(q: Tensor, k: Tensor, n: Optional[Tensor] = None) -> Tensor:
     """The kernel's scores in torch: lane l of 16 adds the pairs of d = 32j + 2l, 32j + 2l + 1 for j in order (high
     element first, as vdpbf16ps), then the lanes are added as _mm512_reduce_add_ps does (halves, then quarters...).
     Slow; for tests."""
@@ -227,15 +234,19 @@ def scores_reference(q: Tensor, k: Tensor) -> Tensor:
     while lanes.shape[-1] > 1:
         half = lanes.shape[-1] // 2
         lanes = lanes[..., :half] + lanes[..., half:]
-    return lanes[..., 0]
+    S = k.shape[2]
+    inside = torch.arange(S) < _span(n, q.shape[0], S)[:, None]  # (B, S)
+    return torch.where(inside[:, None, None], lanes[..., 0], 0.0)
 
 
-def mix_reference(p: Tensor, v: Tensor) -> Tensor:
-    """The kernel's mix in torch: the slots added in order, each product rounded once and added (an fp32 fused
-    multiply-add rounds once: the product p v of a bf16 v in fp32 is exact only when p's bits allow, so this adds in
-    float64 and rounds each step to fp32, which is what a fused multiply-add gives). Slow; for tests."""
+def mix_reference(p: Tensor, v: Tensor, n: Optional[Tensor] = None) -> Tensor:
+    """The kernel's mix in torch: the slots below n[b] added in order, each product rounded once and added (an fp32
+    fused multiply-add rounds once: the product p v of a bf16 v in fp32 is exact only when p's bits allow, so this adds
+    in float64 and rounds each step to fp32, which is what a fused multiply-add gives). Slow; for tests."""
     acc = torch.zeros(*p.shape[:3], v.shape[3], dtype=torch.float64)
     vd, pd = v.double(), p.double()
+    inside = torch.arange(p.shape[3]) < _span(n, p.shape[0], p.shape[3])[:, None]  # (B, S)
     for s in range(p.shape[3]):
-        acc = (acc + pd[..., s, None] * vd[:, :, None, s, :]).float().double()
+        term = pd[..., s, None] * vd[:, :, None, s, :] * inside[:, s, None, None, None]
+        acc = (acc + term).float().double()
     return acc.float()

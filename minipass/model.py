@@ -150,9 +150,12 @@ class Layout(NamedTuple):
     bias: for wider calls (a prefill), which sum over the slots in one product, the (B, T, S) additive float32 mask,
       0 where a new token attends, -inf elsewhere.
     The masks are additive and float: adding 0 leaves a score exactly as it is, and a compiled CPU kernel adds floats
-    at full vector width where it selects on booleans element by element."""
+    at full vector width where it selects on booleans element by element.
+    span: (B,) int64, the slots any new token of a row can attend to are below it (its cache length + T): the CPU
+      kernels' scores and mix stop there, so a step's attention costs what the row holds, not the cache's capacity."""
     recent: Optional[tuple]
     bias: Optional[Tensor]
+    span: Optional[Tensor] = None
 
 
 def attention_layout(cache_seqlens: Tensor, mask: Optional[Tensor], T: int, kv_len: int) -> Layout:
@@ -170,8 +173,10 @@ def attention_layout(cache_seqlens: Tensor, mask: Optional[Tensor], T: int, kv_l
     mask = mask.expand(B, T, T)
     ninf = torch.tensor(float("-inf"), device=device)
     prefix = torch.where(torch.arange(kv_len, device=device) < base, 0.0, ninf)[:, None, :].expand(B, T, kv_len)
+    span = (cache_seqlens + T).clamp(max=kv_len)
     if T > 2 * RECENT:  # the committed prefix, and the new tokens of each row's mask row
-        return Layout(None, prefix.scatter(2, (base + pos)[:, None, :].expand(B, T, T), torch.where(mask, 0.0, ninf)))
+        return Layout(None, prefix.scatter(2, (base + pos)[:, None, :].expand(B, T, T), torch.where(mask, 0.0, ninf)),
+                      span)
     p = base + mask.sum(-1) - 1  # (B, T): each row's position
     cut = torch.minimum((p // RECENT * RECENT - RECENT).clamp(min=0), base)
     win = cut[:, :, None] + torch.arange(2 * RECENT, device=device)  # (B, T, 2R): slots cut .. cut + 2R - 1
@@ -183,7 +188,8 @@ def attention_layout(cache_seqlens: Tensor, mask: Optional[Tensor], T: int, kv_l
     keys = torch.sort(slots, dim=-1).values[:, :, : 2 * RECENT]
     late = torch.where(keys < big, 0.0, ninf)  # (B, T, 2R): up to the row itself
     early = prefix.scatter(2, win.clamp(max=kv_len - 1), ninf.expand(B, T, 2 * RECENT))  # (B, T, S): below the cut
-    return Layout((early[:, None, None], keys.clamp(max=kv_len - 1).view(B, 1, -1, 1), late[:, None, None]), None)
+    return Layout((early[:, None, None], keys.clamp(max=kv_len - 1).view(B, 1, -1, 1), late[:, None, None]), None,
+                  span)
 
 
 def attention_torch(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
@@ -200,7 +206,7 @@ def attention_torch(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
     # Decoding calls on a CPU with AVX512-BF16: minipass's products over the cache (kernels/cpu_bf16.py), whose
     # per-row sums are in a fixed order, in place of batched products whose set-up outweighs their arithmetic.
     own = layout.recent is not None and cpu_bf16.attention_fits(q, k)
-    scores = cpu_bf16.scores(qg, k) if own else (qg @ k.transpose(-1, -2)).float()
+    scores = cpu_bf16.scores(qg, k, layout.span) if own else (qg @ k.transpose(-1, -2)).float()
     scores = scores.view(B, Hkv, G, T, S) * (1.0 / math.sqrt(D))
     if layout.recent is None:  # one softmax and one product over the slots, where the keys are
         probs = torch.softmax(scores + layout.bias[:, None, None], dim=-1)
@@ -214,7 +220,7 @@ def attention_torch(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
     early, late = torch.exp(early - top), torch.exp(late - top)
     total = early.sum(-1, keepdim=True) + late.sum(-1, keepdim=True)
     if own:
-        y = cpu_bf16.mix((early / total).view(B, Hkv, G * T, S), v)  # (B, H_kv, G*T, D), fp32
+        y = cpu_bf16.mix((early / total).view(B, Hkv, G * T, S), v, layout.span)  # (B, H_kv, G*T, D), fp32
     else:
         y = (early / total).to(v.dtype).view(B, Hkv, G * T, S) @ v  # (B, H_kv, G*T, D)
     # Per row, its own keys: a product over its 2R gathered rows of V, in fp32 (on a CPU, MKL's small fp32 products

@@ -131,6 +131,25 @@ def test_attention_rows_have_the_same_bits_in_any_call():
 
 
 @needs_kernel
+def test_attention_products_stop_at_each_rows_span():
+    # Batch row b reads slots 0 .. n[b] - 1 only: its scores there have the bits of the whole cache's, 0 after; the
+    # mix leaves out whatever p holds from n[b] on (garbage here, which the full mix would add).
+    q, k, v = bf16(3, 3, 5, 64, seed=31), bf16(3, 3, 50, 64, seed=32), bf16(3, 3, 50, 64, seed=33)
+    n = torch.tensor([17, 0, 50])
+    full, part = cpu_bf16.scores(q, k), cpu_bf16.scores(q, k, n)
+    assert torch.equal(part, cpu_bf16.scores_reference(q, k, n))
+    inside = (torch.arange(50) < n[:, None])[:, None, None]  # (B, 1, 1, S)
+    assert torch.equal(part, torch.where(inside, full, 0.0))
+    p = torch.softmax(full, dim=-1)
+    mixed = cpu_bf16.mix(p, v, n)
+    assert torch.equal(mixed, cpu_bf16.mix_reference(p, v, n))
+    assert torch.equal(mixed, cpu_bf16.mix(torch.where(inside, p, 0.0), v))
+    assert not torch.equal(mixed[0], cpu_bf16.mix(p, v)[0])  # row 0's p past its span was not read
+    with pytest.raises(RuntimeError, match="int64 CPU tensor of slots per batch row"):
+        cpu_bf16.scores(q, k, n[:2])
+
+
+@needs_kernel
 def test_attention_products_refuse_what_they_cannot_read():
     q, k = bf16(1, 3, 2, 48), bf16(1, 3, 8, 48)
     assert not cpu_bf16.attention_fits(q, k)
