@@ -216,18 +216,61 @@ def read_bandwidth(device: torch.device, nbytes: int, sums: int, untimed: int = 
     return n * 4 / best / 1e9
 
 
-def memory_bandwidth(device: torch.device) -> float:
+def memory_bandwidth(device: torch.device, sums: int = 5) -> float:
     """Read bandwidth in GB/s: the best of a few sums of a buffer far larger than the caches (1 GB on a CPU,
     whose last-level cache may hold a few hundred MB; 4 GB on a GPU)."""
-    return read_bandwidth(device, 4 << 30 if device.type == "cuda" else 1 << 30, sums=5)
+    return read_bandwidth(device, 4 << 30 if device.type == "cuda" else 1 << 30, sums=sums)
 
 
-def resident_bandwidth(device: torch.device, nbytes: int) -> float:
-    """Read bandwidth in GB/s of a buffer of `nbytes` (the weights' size) read again and again, as a decode's steps
-    read their weights: the best of a few sums after one untimed one. Where the last-level cache holds such a buffer
-    (the Intel Xeon's 300 MiB against the default model's 0.27 GB) this is the ceiling a decode meets, not the
-    memory's (39-56 against 32 GB/s there, as the host's other work leaves the cache); elsewhere the two agree."""
-    return read_bandwidth(device, nbytes, sums=7, untimed=1)
+def ceiling_bandwidths(device: torch.device, nbytes: int, rounds: int = 5) -> tuple:
+    """GB/s of (the memory, a buffer of `nbytes` read again and again), measured in alternation, `rounds` of each,
+    best of each. The second is what a decode's steps meet, reading their weights over and over: where the
+    last-level cache holds them (the Intel Xeon's 300 MiB against the default model's 0.27 GB) it is that cache's
+    rate, not the memory's (39-56 against 32 GB/s there, as the host's other work leaves the cache); elsewhere the two
+    agree. In alternation because a shared host's memory rate can change by half within minutes (the AMD EPYC: 31 to
+    61 GB/s), and two figures taken one after the other would then differ for that reason alone."""
+    memory, resident = 0.0, 0.0
+    for _ in range(rounds):
+        memory = max(memory, memory_bandwidth(device, sums=1))
+        resident = max(resident, read_bandwidth(device, nbytes, sums=2, untimed=1))
+    return memory, resident
+
+
+def last_level_cache(device: torch.device, root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> Optional[int]:
+    """Bytes of the last-level cache the weights would have to fit in: a CPU's highest cache level (Linux sysfs), a
+    GPU's L2; None where unknown."""
+    if device.type == "cuda":
+        return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", None) or None
+    best = None
+    for index in sorted(root.glob("index*")):
+        try:
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip().upper()
+            if (index / "type").is_file() and (index / "type").read_text().strip() == "Instruction":
+                continue
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            size = int(text.rstrip("KMG")) * scale
+        except ValueError:
+            continue
+        if best is None or level > best[0] or (level == best[0] and size > best[1]):
+            best = (level, size)
+    return best[1] if best else None
+
+
+def resident_note(memory: float, resident: float, nbytes: int, llc: Optional[int]) -> str:
+    """What the resident figure means next to the memory's: the weights fit in the last-level cache, or they do not
+    and a gap between the two is the memory's rate moving during the measurement."""
+    if llc is not None and nbytes <= llc:
+        return f" of it (the weights fit in the {llc / 2 ** 20:.0f} MiB last-level cache)"
+    if resident > 1.3 * memory:
+        if llc is None:
+            return " of it (faster than the memory's rate: a cache may hold the weights)"
+        return (f" of it (the weights are larger than the {llc / 2 ** 20:.0f} MiB last-level cache: the gap between the "
+                "two rates is the memory's rate varying on a shared host)")
+    return " of it"
 
 
 def weight_bytes(model) -> int:
@@ -551,10 +594,11 @@ def bench(args: argparse.Namespace) -> None:
 
     # The ceiling: how fast could a step be if it only read the weights once at the measured bandwidth?
     print("bench: measuring the memory bandwidth and the forward cost curve ...", file=sys.stderr)
-    bandwidth = memory_bandwidth(device)
+    # The memory's rate, and the same with a buffer of the weights' size read over and over, in alternation.
+    bandwidth, resident = ceiling_bandwidths(device, weight_bytes(model))
+    llc = last_level_cache(device)
     gb = weight_bytes(model) / 1e9
     bound = bandwidth / gb * args.batch_size  # tokens/s if a step cost exactly one read of the weights
-    resident = resident_bandwidth(device, weight_bytes(model))  # the same, with the weights read over and over
     resident_bound = resident / gb * args.batch_size
     context = int(statistics.median(len(p) for _, ps in datasets for p in ps)) + args.max_new_tokens // 2
     # Every decode below gets one cache length, and the curve is measured at it: the attention of a compiled call
@@ -719,7 +763,7 @@ def bench(args: argparse.Namespace) -> None:
     print(f"         a buffer of the weights' size read over and over, as a decode's steps read them: {resident:.1f} "
           f"GB/s, {resident_bound:.1f} tokens/s; ar reaches "
           + ", ".join(f"{100 * r['tokens_per_s'] / resident_bound:.0f}%" for r in ar_runs)
-          + (" of it (the weights fit in the last-level cache)" if resident > 1.3 * bandwidth else " of it"))
+          + resident_note(bandwidth, resident, weight_bytes(model), llc))
     print(f"cost curve (one forward of T new tokens per row at {context} cached tokens in a {curve_cache}-slot cache, "
           f"{'compiled' if compile_ else 'eager'}, {CURVE_ROUNDS} interleaved rounds of blocks of calls, median ratio "
           "to T=1): " +
@@ -753,7 +797,7 @@ def bench(args: argparse.Namespace) -> None:
         doc = {"model": str(ckpt), "device": device_name(device), "dtype": str(model.embed_tokens.weight.dtype),
                "compiled": bool(compile_), "rounds": args.rounds, "load_average_start": load_start,
                "load_average_end": load_end, "bandwidth_gb_per_s": round(bandwidth, 2), "weights_gb": round(gb, 4),
-               "bound_tokens_per_s": round(bound, 2), "resident_gb_per_s": round(resident, 4),
+               "bound_tokens_per_s": round(bound, 2), "resident_gb_per_s": round(resident, 4), "last_level_cache_bytes": llc,
                "resident_bound_tokens_per_s": round(resident_bound, 2),
                "cost_curve": {str(T): {"ms": round(1e3 * t, 3), "vs_t1": round(t / curve[1], 4),
                                       "used_ms": round(1e3 * used[T], 3)} for T, t in curve.items()},

@@ -218,3 +218,33 @@ def test_round_threads(bench):
     assert bench.round_threads(8, 16, 3.4) == 8
     assert bench.round_threads(16, 16, 3.6) == 12
     assert bench.round_threads(4, 4, None) == 4  # no measurement: torch's choice
+
+
+def test_the_last_level_cache_is_read_from_sysfs(bench, tmp_path):
+    for name, level, kind, size in [("index0", 1, "Data", "48K"), ("index1", 1, "Instruction", "32K"),
+                                    ("index2", 2, "Unified", "1024K"), ("index3", 3, "Unified", "32768K")]:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    assert bench.last_level_cache(bench.torch.device("cpu"), tmp_path) == 32 << 20
+    assert bench.last_level_cache(bench.torch.device("cpu"), tmp_path / "missing") is None
+
+
+def test_the_ceiling_says_a_cache_holds_the_weights_only_when_it_can(bench):
+    mib = 1 << 20
+    assert "fit in the 300 MiB last-level cache" in bench.resident_note(32.0, 50.0, 269_000_000, 300 * mib)
+    # larger than the cache: a faster "resident" read is the memory's rate moving, not a cache
+    note = bench.resident_note(36.5, 60.8, 269_000_000, 32 * mib)
+    assert "larger than the 32 MiB last-level cache" in note and "fit" not in note
+    assert bench.resident_note(36.5, 37.0, 269_000_000, 32 * mib) == " of it"
+    assert "may hold" in bench.resident_note(36.5, 60.8, 269_000_000, None)
+
+
+def test_the_two_bandwidths_are_measured_in_alternation(bench, monkeypatch):
+    order = []
+    monkeypatch.setattr(bench, "read_bandwidth", lambda device, nbytes, sums, untimed=0: order.append(nbytes) or
+                        float(nbytes))
+    memory, resident = bench.ceiling_bandwidths(bench.torch.device("cpu"), 1000, rounds=3)
+    assert order == [1 << 30, 1000] * 3 and (memory, resident) == (float(1 << 30), 1000.0)
