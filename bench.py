@@ -244,19 +244,13 @@ def last_level_cache(device: torch.device, root: Path = Path("/sys/devices/syste
     best = None
     for index in sorted(root.glob("index*")):
         try:
-            level = int((index / "level").read_text())
-            text = (index / "size").read_text().strip().upper()
-            if (index / "type").is_file() and (index / "type").read_text().strip() == "Instruction":
+            if (index / "type").read_text().strip() == "Instruction":
                 continue
+            level, text = int((index / "level").read_text()), (index / "size").read_text().strip().upper()
+            size = int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
         except (OSError, ValueError):
             continue
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        try:
-            size = int(text.rstrip("KMG")) * scale
-        except ValueError:
-            continue
-        if best is None or level > best[0] or (level == best[0] and size > best[1]):
-            best = (level, size)
+        best = max(best or (level, size), (level, size))  # the highest level, the largest at it
     return best[1] if best else None
 
 
@@ -595,9 +589,10 @@ def bench(args: argparse.Namespace) -> None:
     # The ceiling: how fast could a step be if it only read the weights once at the measured bandwidth?
     print("bench: measuring the memory bandwidth and the forward cost curve ...", file=sys.stderr)
     # The memory's rate, and the same with a buffer of the weights' size read over and over, in alternation.
-    bandwidth, resident = ceiling_bandwidths(device, weight_bytes(model))
+    nbytes = weight_bytes(model)
+    bandwidth, resident = ceiling_bandwidths(device, nbytes)
     llc = last_level_cache(device)
-    gb = weight_bytes(model) / 1e9
+    gb = nbytes / 1e9
     bound = bandwidth / gb * args.batch_size  # tokens/s if a step cost exactly one read of the weights
     resident_bound = resident / gb * args.batch_size
     context = int(statistics.median(len(p) for _, ps in datasets for p in ps)) + args.max_new_tokens // 2
@@ -763,7 +758,7 @@ def bench(args: argparse.Namespace) -> None:
     print(f"         a buffer of the weights' size read over and over, as a decode's steps read them: {resident:.1f} "
           f"GB/s, {resident_bound:.1f} tokens/s; ar reaches "
           + ", ".join(f"{100 * r['tokens_per_s'] / resident_bound:.0f}%" for r in ar_runs)
-          + resident_note(bandwidth, resident, weight_bytes(model), llc))
+          + resident_note(bandwidth, resident, nbytes, llc))
     print(f"cost curve (one forward of T new tokens per row at {context} cached tokens in a {curve_cache}-slot cache, "
           f"{'compiled' if compile_ else 'eager'}, {CURVE_ROUNDS} interleaved rounds of blocks of calls, median ratio "
           "to T=1): " +
@@ -797,8 +792,8 @@ def bench(args: argparse.Namespace) -> None:
         doc = {"model": str(ckpt), "device": device_name(device), "dtype": str(model.embed_tokens.weight.dtype),
                "compiled": bool(compile_), "rounds": args.rounds, "load_average_start": load_start,
                "load_average_end": load_end, "bandwidth_gb_per_s": round(bandwidth, 2), "weights_gb": round(gb, 4),
-               "bound_tokens_per_s": round(bound, 2), "resident_gb_per_s": round(resident, 4), "last_level_cache_bytes": llc,
-               "resident_bound_tokens_per_s": round(resident_bound, 2),
+               "bound_tokens_per_s": round(bound, 2), "resident_gb_per_s": round(resident, 4),
+               "resident_bound_tokens_per_s": round(resident_bound, 2), "last_level_cache_bytes": llc,
                "cost_curve": {str(T): {"ms": round(1e3 * t, 3), "vs_t1": round(t / curve[1], 4),
                                       "used_ms": round(1e3 * used[T], 3)} for T, t in curve.items()},
                "cost_curve_context": context, "cost_curve_cache_len": curve_cache, "cost_curve_s": round(curve_s, 1),

@@ -122,13 +122,12 @@ at::Tensor scores_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tenso
               "multiple of 32, rows contiguous");
   const int64_t B = q.size(0), H = q.size(1), R = q.size(2), S = k.size(2), D = q.size(3);
   const std::vector<int64_t> span = spans(n, B, S);
+  const int64_t longest = span.empty() ? 0 : *std::max_element(span.begin(), span.end());
   at::Tensor out = at::empty({B, H, R, S}, q.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   const uint16_t* qp = (const uint16_t*)q.data_ptr();
   const uint16_t* kp = (const uint16_t*)k.data_ptr();
   // rows in parallel once there is enough work: a one-token call's few rows stay on the calling thread
-  int64_t longest = 0;
-  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, span[b]);
   at::parallel_for(0, B * H * R, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, longest * D / 32)), [&](int64_t i0, int64_t i1) {
     __m512 acc[16];
     for (int64_t i = i0; i < i1; ++i) {
@@ -194,8 +193,7 @@ at::Tensor mix_bf16(const at::Tensor& p, const at::Tensor& v, const at::Tensor& 
   const at::Tensor pc = p.contiguous();
   const int64_t B = p.size(0), H = p.size(1), R = p.size(2), S = p.size(3), D = v.size(3);
   const std::vector<int64_t> span = spans(n, B, S);
-  int64_t longest = 0;
-  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, span[b]);
+  const int64_t longest = span.empty() ? 0 : *std::max_element(span.begin(), span.end());
   at::Tensor out = at::empty({B, H, R, D}, p.options());
   float* o = out.data_ptr<float>();
   const float* pp = pc.data_ptr<float>();
