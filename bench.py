@@ -5,6 +5,7 @@
     python bench.py --modes ar,pass,pass1 --lookahead 1,2,4,6,8 --temperature 0 --plot sweep.png
     python bench.py --modes ar,tree --tree-nodes auto,11          # the auto-sized tree against the default one
     python bench.py --modes ar,tree --curve-widths 1,8,16,32      # fewer compiled widths for the cost curve
+    python bench.py --modes ar,tree --profile 30                  # and where each mode's time per call goes
 
 Every mode decodes the same prompts with the same seeds. The timed runs come in rounds: each round runs every
 configuration once, in an order rotated from round to round, so a slow phase of a shared machine spreads over all
@@ -31,6 +32,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -89,6 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "keep cores busy: see CpuMeter)")
     p.add_argument("--peer", choices=["hf"], default=None,
                    help="also time transformers' generate on the same weights, plain and with prompt lookup")
+    p.add_argument("--profile", type=int, default=0, metavar="K",
+                   help="after the rounds, profile one whole decode of each configuration's first prompt "
+                        "(torch.profiler, with shapes, every compiled kernel an event) and print the K operations "
+                        "with the most self time per decoding call, one column per mode (JSON: profile)")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     p.add_argument("--plot", default=None, help="write speed-up and tokens per call against L to this PNG")
     return p.parse_args(argv)
@@ -365,6 +371,46 @@ def interpolate(curve: dict) -> Callable[[int], float]:
     return t
 
 
+def op_key(name: str, shapes) -> str:
+    """An operation's name and input shapes, read alike in every mode's profile: the compiled graph's number and hash
+    dropped from its kernels' and wrapper's names, and the first input's shape (its leading size is the call's
+    width, which differs from mode to mode) left out, so that the rows of one product line up across columns."""
+    name = re.sub(r"^graph_\d+_", "", name)
+    name = re.sub(r"(CompiledFxGraph) \S+", r"\1", name)
+    name = re.sub(r"(Torch-Compiled Region): \S+", r"\1", name)
+    rest = [list(x) for x in (shapes or [])[1:] if x]
+    return f"{name[:60]} {rest}" if rest else name[:60]
+
+
+def profile_decodes(configs: list, model, prompt: list, args, stop_ids) -> dict:
+    """{label: {op: self microseconds per decoding call}} from one profiled decode of `prompt` per configuration
+    (prefill included, spread over the decode's calls, as the tokens/s column counts it). The profiler's own cost
+    per event inflates the many small operations: read the columns against each other, not as wall times."""
+    out = {}
+    for cfg in configs:
+        with torch.profiler.profile(record_shapes=True) as prof:
+            res = cfg.decode(model, [prompt], args.max_new_tokens, cfg.sampling, seeds=[args.seed],
+                             stop_ids=stop_ids)
+        calls = max(res.stats.calls, 1)
+        ops: dict = {}
+        for e in prof.key_averages(group_by_input_shape=True):
+            key = op_key(e.key, e.input_shapes)
+            ops[key] = ops.get(key, 0.0) + e.self_cpu_time_total / calls
+        out[cfg.label or cfg.mode] = ops
+    return out
+
+
+def profile_table(profiles: dict, k: int) -> str:
+    """The k operations with the most self time per call in any mode, one column per mode, and each mode's total."""
+    modes = list(profiles)
+    keys = sorted(set().union(*profiles.values()), key=lambda op: -max(p.get(op, 0.0) for p in profiles.values()))
+    lines = [f"  {'self us per decoding call':84s}" + "".join(f"{m:>10s}" for m in modes)]
+    for op in keys[:k]:
+        lines.append(f"  {op[:84]:84s}" + "".join(f"{profiles[m].get(op, 0.0):10.1f}" for m in modes))
+    lines.append(f"  {'all operations':84s}" + "".join(f"{sum(profiles[m].values()):10.1f}" for m in modes))
+    return "\n".join(lines)
+
+
 # --- configurations and runs ----------------------------------------------------------------------------------------
 
 @dataclass
@@ -555,6 +601,10 @@ def bench(args: argparse.Namespace) -> None:
     from minipass import sizing
 
     load_start = load_average()
+    if args.profile:  # each kernel of a compiled CPU step one profiler event (set before anything compiles)
+        from torch._inductor import config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -734,6 +784,14 @@ def bench(args: argparse.Namespace) -> None:
     torch.set_num_threads(base_threads)
     progress.close()
     load_end = load_average()
+    profiles = []
+    if args.profile:  # after the timed rounds, which the profiler would slow
+        for prompts, group in groups:
+            cfgs = [cfg for cfg in group if not cfg.mode.startswith("hf")]
+            profiles.append({"dataset": cfgs[0].dataset, "setting": setting_label(
+                {"temperature": cfgs[0].sampling.temperature, "top_k": cfgs[0].sampling.top_k,
+                 "top_p": cfgs[0].sampling.top_p}), "ops_us_per_call": profile_decodes(
+                cfgs, model, prompts[0], args, tok.eos_ids)})
 
     runs = []
     for prompts, group in groups:
@@ -771,6 +829,10 @@ def bench(args: argparse.Namespace) -> None:
           f"steps {warm:.0f} s")
     for s in sizing_report:
         print(f"sized tree ({s['dataset']}, {s['setting']}, L={s['L']}): {s['summary']}")
+    for prof in profiles:
+        print(f"profile ({prof['dataset']}, {prof['setting']}, one decode of the first prompt, prefill included, "
+              f"self time per decoding call, under the profiler):")
+        print(profile_table(prof["ops_us_per_call"], args.profile))
     unstable = [r for r in runs if (r["spread"] or 0) > UNSTABLE_SPREAD]
     for r in unstable:
         print(f"warning: {r['dataset']} {setting_label(r)} {r['mode']} L={r['lookahead']}: tokens/s varied by "
@@ -798,7 +860,7 @@ def bench(args: argparse.Namespace) -> None:
                                       "used_ms": round(1e3 * used[T], 3)} for T, t in curve.items()},
                "cost_curve_context": context, "cost_curve_cache_len": curve_cache, "cost_curve_s": round(curve_s, 1),
                "sizing": sizing_report, "unstable": [r["mode"] for r in unstable], "round_log": round_log,
-               "runs": runs}
+               "profile": profiles, "runs": runs}
         tmp = Path(args.json).with_name(Path(args.json).name + ".tmp")
         tmp.write_text(json.dumps(doc, indent=1))
         tmp.replace(args.json)

@@ -18,7 +18,8 @@ FIELDS = {"dataset", "mode", "lookahead", "temperature", "top_k", "top_p", "batc
           "warmup_s", "model_cost_vs_ar", "identical_rows", "other_load_rounds"}
 TOP = {"model", "device", "dtype", "runs", "rounds", "load_average_start", "load_average_end", "bandwidth_gb_per_s",
        "weights_gb", "bound_tokens_per_s", "resident_gb_per_s", "resident_bound_tokens_per_s", "cost_curve", "sizing",
-       "compiled", "round_log"}
+       "compiled", "round_log", "profile"}
+PRODUCTS = {"minipass_cpu::linear_bf16", "aten::linear", "aten::addmm"}  # products with the weight second
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +158,40 @@ def test_the_cost_curve_times_each_width_after_calls_of_its_own(bench, setup, mo
     # The timers start and stop around each timed call: every one comes right after a call of its own width.
     assert len(timed) == 2 * bench.CURVE_ROUNDS * len(widths) * block
     assert all(seen[k] == seen[k - 1] for k in timed[0::2])
+
+
+def test_profile_lines_up_each_modes_operations(bench, setup, tmp_path, capsys):
+    """--profile: one profiled decode per configuration after the rounds, its operations' self time per decoding call,
+    one column per mode, the same operation on the same row whatever the call's width."""
+    ckpt, prompts = setup
+    out = tmp_path / "out.json"
+    argv = ["--ckpt", str(ckpt), "--dataset", str(prompts), "--num-prompts", "2", "--max-new-tokens", "6",
+            "--modes", "ar,ngram", "--temperature", "0", "--rounds", "1", "--no-compile", "--curve-widths", "2",
+            "--profile", "8", "--json", str(out)]
+    assert bench.main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert len(doc["profile"]) == 1  # one data set, one setting
+    prof = doc["profile"][0]
+    assert prof["setting"] == "greedy"
+    cols = prof["ops_us_per_call"]
+    assert set(cols) == {"ar", "ngram"}
+    assert all(cols[m] and all(v >= 0 for v in cols[m].values()) and sum(cols[m].values()) > 0 for m in cols)
+    # the weight products, called at width 1 by ar and 9 by ngram, are one row each
+    products = [op for op in cols["ar"] if op.split()[0] in PRODUCTS and "[[" in op]
+    assert products and all(op in cols["ngram"] for op in products)
+    text = capsys.readouterr().out
+    assert "profile (prompts, greedy" in text and "all operations" in text
+    table = text[text.index("self us per decoding call"):]
+    assert len([line for line in table.splitlines()[1:] if line.strip()]) >= 8 + 1
+
+
+def test_op_key_reads_alike_across_widths(bench):
+    assert bench.op_key("graph_3_cpp_fused_add_mul_7", []) == bench.op_key("graph_11_cpp_fused_add_mul_7", [])
+    assert bench.op_key("## Call CompiledFxGraph f1a2b ##", []) == bench.op_key("## Call CompiledFxGraph x9 ##", [])
+    one = bench.op_key("minipass_cpu::linear_bf16", [[1, 576], [96, 288, 32, 2], []])
+    eight = bench.op_key("minipass_cpu::linear_bf16", [[8, 576], [96, 288, 32, 2], []])
+    assert one == eight == "minipass_cpu::linear_bf16 [[96, 288, 32, 2]]"
+    assert one != bench.op_key("minipass_cpu::linear_bf16", [[1, 576], [30, 288, 32, 2], []])
 
 
 def test_curve_widths(bench, setup, tmp_path):
