@@ -373,9 +373,11 @@ def interpolate(curve: dict) -> Callable[[int], float]:
 
 def op_key(name: str, shapes) -> str:
     """An operation's name and input shapes, read alike in every mode's profile: the compiled graph's number and hash
-    dropped from its kernels' and wrapper's names, and the first input's shape (its leading size is the call's
-    width, which differs from mode to mode) left out, so that the rows of one product line up across columns."""
+    dropped from its kernels' and wrapper's names (and a kernel's number within its graph), and the first input's
+    shape (its leading size is the call's width, which differs from mode to mode) left out, so that the rows of one
+    product line up across columns."""
     name = re.sub(r"^graph_\d+_", "", name)
+    name = re.sub(r"^((cpp|triton)_.*)_\d+$", r"\1", name)  # a generated kernel's number within its graph
     name = re.sub(r"(CompiledFxGraph) \S+", r"\1", name)
     name = re.sub(r"(Torch-Compiled Region): \S+", r"\1", name)
     rest = [list(x) for x in (shapes or [])[1:] if x]

@@ -186,7 +186,8 @@ def test_profile_lines_up_each_modes_operations(bench, setup, tmp_path, capsys):
 
 
 def test_op_key_reads_alike_across_widths(bench):
-    assert bench.op_key("graph_3_cpp_fused_add_mul_7", []) == bench.op_key("graph_11_cpp_fused_add_mul_7", [])
+    assert bench.op_key("graph_3_cpp_fused_add_mul_7", []) == bench.op_key("graph_11_cpp_fused_add_mul_13", []) \
+        == "cpp_fused_add_mul"
     assert bench.op_key("## Call CompiledFxGraph f1a2b ##", []) == bench.op_key("## Call CompiledFxGraph x9 ##", [])
     one = bench.op_key("minipass_cpu::linear_bf16", [[1, 576], [96, 288, 32, 2], []])
     eight = bench.op_key("minipass_cpu::linear_bf16", [[8, 576], [96, 288, 32, 2], []])
