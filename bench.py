@@ -92,9 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peer", choices=["hf"], default=None,
                    help="also time transformers' generate on the same weights, plain and with prompt lookup")
     p.add_argument("--profile", type=int, default=0, metavar="K",
-                   help="after the rounds, profile one whole decode of each configuration's first prompt "
-                        "(torch.profiler, with shapes, every compiled kernel an event) and print the K operations "
-                        "with the most self time per decoding call, one column per mode (JSON: profile)")
+                   help="after the rounds, profile whole decodes of each configuration's first prompt (two each, "
+                        "in alternation; torch.profiler, with shapes, every compiled kernel an event) and print the "
+                        "K operations with the most self time per decoding call, one column per mode (JSON: profile)")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     p.add_argument("--plot", default=None, help="write speed-up and tokens per call against L to this PNG")
     return p.parse_args(argv)
@@ -384,21 +384,26 @@ def op_key(name: str, shapes) -> str:
     return f"{name[:60]} {rest}" if rest else name[:60]
 
 
+PROFILE_ROUNDS = 2  # profiled decodes per configuration, in alternation (see profile_decodes)
+
+
 def profile_decodes(configs: list, model, prompt: list, args, stop_ids) -> dict:
-    """{label: {op: self microseconds per decoding call}} from one profiled decode of `prompt` per configuration
-    (prefill included, spread over the decode's calls, as the tokens/s column counts it). The profiler's own cost
-    per event inflates the many small operations: read the columns against each other, not as wall times."""
-    out = {}
-    for cfg in configs:
-        with torch.profiler.profile(record_shapes=True) as prof:
-            res = cfg.decode(model, [prompt], args.max_new_tokens, cfg.sampling, seeds=[args.seed],
-                             stop_ids=stop_ids)
-        calls = max(res.stats.calls, 1)
-        ops: dict = {}
-        for e in prof.key_averages(group_by_input_shape=True):
-            key = op_key(e.key, e.input_shapes)
-            ops[key] = ops.get(key, 0.0) + e.self_cpu_time_total / calls
-        out[cfg.label or cfg.mode] = ops
+    """{label: {op: self microseconds per decoding call}} from profiled decodes of `prompt`, PROFILE_ROUNDS per
+    configuration, the configurations in alternation (in an order rotated from round to round) and their figures
+    averaged, so that a slow spell of a shared machine does not land on one column alone. Prefill included, spread
+    over the decode's calls, as the tokens/s column counts it. The profiler's own cost per event inflates the many
+    small operations: read the columns against each other, not as wall times."""
+    out = {cfg.label or cfg.mode: {} for cfg in configs}
+    for r in range(PROFILE_ROUNDS):
+        for cfg in configs[r % len(configs):] + configs[: r % len(configs)]:
+            with torch.profiler.profile(record_shapes=True) as prof:
+                res = cfg.decode(model, [prompt], args.max_new_tokens, cfg.sampling, seeds=[args.seed],
+                                 stop_ids=stop_ids)
+            scale = 1.0 / (max(res.stats.calls, 1) * PROFILE_ROUNDS)
+            ops = out[cfg.label or cfg.mode]
+            for e in prof.key_averages(group_by_input_shape=True):
+                key = op_key(e.key, e.input_shapes)
+                ops[key] = ops.get(key, 0.0) + e.self_cpu_time_total * scale
     return out
 
 
@@ -832,8 +837,8 @@ def bench(args: argparse.Namespace) -> None:
     for s in sizing_report:
         print(f"sized tree ({s['dataset']}, {s['setting']}, L={s['L']}): {s['summary']}")
     for prof in profiles:
-        print(f"profile ({prof['dataset']}, {prof['setting']}, one decode of the first prompt, prefill included, "
-              f"self time per decoding call, under the profiler):")
+        print(f"profile ({prof['dataset']}, {prof['setting']}, {PROFILE_ROUNDS} decodes of the first prompt per "
+              "mode in alternation, prefill included, self time per decoding call, under the profiler):")
         print(profile_table(prof["ops_us_per_call"], args.profile))
     unstable = [r for r in runs if (r["spread"] or 0) > UNSTABLE_SPREAD]
     for r in unstable:

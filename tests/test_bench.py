@@ -185,6 +185,29 @@ def test_profile_lines_up_each_modes_operations(bench, setup, tmp_path, capsys):
     assert len([line for line in table.splitlines()[1:] if line.strip()]) >= 8 + 1
 
 
+def test_profile_decodes_alternates_and_averages(bench):
+    """Every configuration is profiled PROFILE_ROUNDS times, in alternation, and its figures are the average."""
+    import types
+
+    import torch
+
+    order = []
+
+    def config(label, calls, n_ops):
+        def decode(model, prompts, n, sampling, seeds, stop_ids):
+            order.append(label)
+            for _ in range(n_ops):
+                torch.ones(4).sum()
+            return types.SimpleNamespace(stats=types.SimpleNamespace(calls=calls))
+        return types.SimpleNamespace(label=label, mode=label, decode=decode, sampling=None)
+
+    args = types.SimpleNamespace(max_new_tokens=4, seed=0)
+    out = bench.profile_decodes([config("a", 2, 3), config("b", 4, 6)], None, [1, 2], args, [])
+    assert bench.PROFILE_ROUNDS == 2 and order == ["a", "b", "b", "a"]  # the second round starts from b
+    assert set(out) == {"a", "b"} and "aten::ones" in out["a"] and "aten::sum" in out["b"]
+    assert all(v >= 0 for ops in out.values() for v in ops.values())
+
+
 def test_op_key_reads_alike_across_widths(bench):
     assert bench.op_key("graph_3_cpp_fused_add_mul_7", []) == bench.op_key("graph_11_cpp_fused_add_mul_13", []) \
         == "cpp_fused_add_mul"
