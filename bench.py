@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch._inductor.config
 
 from minipass.cli import add_decoding_args, add_model_args, decoder_options, run_cli
 from minipass.data import humaneval_prompts, jsonl_prompts, sharegpt_prompts
@@ -608,10 +609,8 @@ def bench(args: argparse.Namespace) -> None:
     from minipass import sizing
 
     load_start = load_average()
-    if args.profile:  # each kernel of a compiled CPU step one profiler event (set before anything compiles)
-        from torch._inductor import config as inductor_config
-
-        inductor_config.cpp.enable_kernel_profile = True
+    if args.profile < 0:
+        raise MinipassError(f"--profile must be >= 0 (operations to print), got {args.profile}")
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -878,7 +877,11 @@ def bench(args: argparse.Namespace) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     init_from_env()  # under torchrun: tensor parallel over the processes, rank 0 prints and writes files
-    return finish(run_cli(lambda: bench(args)))  # under torchrun: the ranks leave together
+    # --profile: each kernel of a compiled CPU step one profiler event, for the steps this run compiles
+    events = torch._inductor.config.patch({"cpp.enable_kernel_profile": True}) if args.profile > 0 \
+        else contextlib.nullcontext()
+    with events:
+        return finish(run_cli(lambda: bench(args)))  # under torchrun: the ranks leave together
 
 
 if __name__ == "__main__":

@@ -169,6 +169,9 @@ def test_profile_lines_up_each_modes_operations(bench, setup, tmp_path, capsys):
             "--modes", "ar,ngram", "--temperature", "0", "--rounds", "1", "--no-compile", "--curve-widths", "2",
             "--profile", "8", "--json", str(out)]
     assert bench.main(argv) == 0
+    import torch._inductor.config
+
+    assert not torch._inductor.config.cpp.enable_kernel_profile  # set for that run only
     doc = json.loads(out.read_text())
     assert len(doc["profile"]) == 1  # one data set, one setting
     prof = doc["profile"][0]
@@ -237,6 +240,7 @@ def test_curve_widths(bench, setup, tmp_path):
     (["--num-prompts", "0"], "--num-prompts, --batch-size and --rounds must be >= 1"),
     (["--tree-nodes", "many"], "--tree-nodes must be integers separated by commas (or auto)"),
     (["--curve-widths", "1,0"], "--curve-widths must be >= 1, got '1,0'"),
+    (["--profile", "-1"], "--profile must be >= 0 (operations to print), got -1"),
     (["--curve-widths", "1,wide"], "--curve-widths must be integers separated by commas"),
 ])
 def test_bad_options(bench, setup, capsys, extra, message):
