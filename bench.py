@@ -401,7 +401,7 @@ def profile_decodes(configs: list, model, prompt: list, args, stop_ids) -> dict:
                 res = cfg.decode(model, [prompt], args.max_new_tokens, cfg.sampling, seeds=[args.seed],
                                  stop_ids=stop_ids)
             scale = 1.0 / (max(res.stats.calls, 1) * PROFILE_ROUNDS)
-            ops = out[cfg.label or cfg.mode]
+            ops = out[cfg.label or cfg.mode]  # the column of this configuration, over the rounds
             for e in prof.key_averages(group_by_input_shape=True):
                 key = op_key(e.key, e.input_shapes)
                 ops[key] = ops.get(key, 0.0) + e.self_cpu_time_total * scale
@@ -532,6 +532,10 @@ def summarize(cfg: Config, ar: Config, gb: float, bound: float, cost_of: Callabl
 
 def setting_label(r: dict) -> str:
     return "greedy" if r["temperature"] == 0 else f"T{r['temperature']:g} k{r['top_k']} p{r['top_p']:g}"
+
+
+def sampling_label(sampling: SamplingParams) -> str:
+    return setting_label({"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p})
 
 
 def print_table(runs: list) -> None:
@@ -702,9 +706,8 @@ def bench(args: argparse.Namespace) -> None:
                                                     max_new_tokens=args.max_new_tokens, quiet=False,
                                                     widths=sorted(used))
                             tree, Lt = plan.tree, plan.lookahead  # the first Lt look-ahead tokens
-                            sizing_report.append({"dataset": name, "setting": setting_label(
-                                {"temperature": sampling.temperature, "top_k": sampling.top_k,
-                                 "top_p": sampling.top_p}), "L": L, **plan.report})
+                            sizing_report.append({"dataset": name, "setting": sampling_label(sampling), "L": L,
+                                                  **plan.report})
                         else:
                             tree, Lt = replace(opts.tree, nodes=nodes), L
                         M = tree.blocks
@@ -794,10 +797,8 @@ def bench(args: argparse.Namespace) -> None:
     if args.profile:  # after the timed rounds, which the profiler would slow
         for prompts, group in groups:
             cfgs = [cfg for cfg in group if not cfg.mode.startswith("hf")]
-            profiles.append({"dataset": cfgs[0].dataset, "setting": setting_label(
-                {"temperature": cfgs[0].sampling.temperature, "top_k": cfgs[0].sampling.top_k,
-                 "top_p": cfgs[0].sampling.top_p}), "ops_us_per_call": profile_decodes(
-                cfgs, model, prompts[0], args, tok.eos_ids)})
+            profiles.append({"dataset": cfgs[0].dataset, "setting": sampling_label(cfgs[0].sampling),
+                             "ops_us_per_call": profile_decodes(cfgs, model, prompts[0], args, tok.eos_ids)})
 
     runs = []
     for prompts, group in groups:

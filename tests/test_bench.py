@@ -161,8 +161,8 @@ def test_the_cost_curve_times_each_width_after_calls_of_its_own(bench, setup, mo
 
 
 def test_profile_lines_up_each_modes_operations(bench, setup, tmp_path, capsys):
-    """--profile: one profiled decode per configuration after the rounds, its operations' self time per decoding call,
-    one column per mode, the same operation on the same row whatever the call's width."""
+    """--profile: profiled decodes of each configuration after the rounds, its operations' self time per decoding
+    call, one column per mode, the same operation on the same row whatever the call's width."""
     ckpt, prompts = setup
     out = tmp_path / "out.json"
     argv = ["--ckpt", str(ckpt), "--dataset", str(prompts), "--num-prompts", "2", "--max-new-tokens", "6",
@@ -188,27 +188,48 @@ def test_profile_lines_up_each_modes_operations(bench, setup, tmp_path, capsys):
     assert len([line for line in table.splitlines()[1:] if line.strip()]) >= 8 + 1
 
 
-def test_profile_decodes_alternates_and_averages(bench):
-    """Every configuration is profiled PROFILE_ROUNDS times, in alternation, and its figures are the average."""
+def test_profile_decodes_alternates_and_averages(bench, monkeypatch):
+    """Every configuration is profiled PROFILE_ROUNDS times, in alternation, and its figures are the average of its
+    rounds' self times per decoding call."""
     import types
 
     import torch
 
-    order = []
+    order, times = [], {"a": iter([100.0, 300.0]), "b": iter([40.0, 80.0])}  # us of one op, round by round
 
-    def config(label, calls, n_ops):
+    class Profile:  # stands in for torch.profiler.profile: one event, the decode's next time
+        def __init__(self, **kwargs):
+            self.events = []
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self, group_by_input_shape=False):
+            return self.events
+
+    profiles = []
+
+    def make_profile(**kwargs):
+        profiles.append(Profile(**kwargs))
+        return profiles[-1]
+
+    def config(label, calls):
         def decode(model, prompts, n, sampling, seeds, stop_ids):
             order.append(label)
-            for _ in range(n_ops):
-                torch.ones(4).sum()
+            profiles[-1].events.append(types.SimpleNamespace(key="graph_2_cpp_fused_add_3", input_shapes=[],
+                                                             self_cpu_time_total=next(times[label])))
             return types.SimpleNamespace(stats=types.SimpleNamespace(calls=calls))
         return types.SimpleNamespace(label=label, mode=label, decode=decode, sampling=None)
 
+    monkeypatch.setattr(torch.profiler, "profile", make_profile)
     args = types.SimpleNamespace(max_new_tokens=4, seed=0)
-    out = bench.profile_decodes([config("a", 2, 3), config("b", 4, 6)], None, [1, 2], args, [])
+    out = bench.profile_decodes([config("a", 2), config("b", 4)], None, [1, 2], args, [])
     assert bench.PROFILE_ROUNDS == 2 and order == ["a", "b", "b", "a"]  # the second round starts from b
-    assert set(out) == {"a", "b"} and "aten::ones" in out["a"] and "aten::sum" in out["b"]
-    assert all(v >= 0 for ops in out.values() for v in ops.values())
+    # a: (100 / 2 + 300 / 2) / 2 = 100 us per call; b: (40 / 4 + 80 / 4) / 2 = 15
+    assert out == {"a": {"cpp_fused_add": pytest.approx(100.0)}, "b": {"cpp_fused_add": pytest.approx(15.0)}}
 
 
 def test_op_key_reads_alike_across_widths(bench):
