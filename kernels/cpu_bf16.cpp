@@ -1,5 +1,5 @@
-// bf16 products for the few rows of a decoding step on x86 CPUs with AVX512-BF16 (built by cpu_bf16.py on first
-// use): a linear layer's y = x W^T, and attention's scores q K^T and its mix P V over a KV cache.
+// bf16 kernels for the few rows of a decoding step on x86 CPUs with AVX512-BF16 (built by cpu_bf16.py on first
+// use): a linear layer's y = x W^T, and the softmax attention of the new tokens over a KV cache.
 //
 // linear_bf16: x (M, K) bf16, rows contiguous; W (N, K) packed as (ceil(N / 32), K / 2, 32, 2): tile t holds outputs
 // 32 t .. 32 t + 31, and for each pair of inputs (2p, 2p + 1) their 32 weights side by side, input-pair-major, so a
@@ -12,6 +12,7 @@
 // 8 rows reads a tile once, from memory (wider calls read it again from the L2 cache for each further block). One-row
 // calls stream the weights at about the read rate of the memory; from 8 rows on the dot-product units are the limit.
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -97,120 +98,180 @@ inline __m512 lane_sums(const __m512* acc) {
   return _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88), _mm512_shuffle_ps(e[0], e[1], 0xDD));
 }
 
-// The slots of batch row b that are read, n[b] clamped to 0 .. S (n: (B,) int64 on the CPU): a decoding step attends
-// over the slots its tokens were written to and below, not over the whole cache it was given.
-inline std::vector<int64_t> spans(const at::Tensor& n, int64_t B, int64_t S) {
-  TORCH_CHECK(n.dim() == 1 && n.size(0) == B && n.scalar_type() == at::kLong && n.device().is_cpu(),
-              "cpu_bf16: n must be a (", B, ",) int64 CPU tensor of slots per batch row, got ", n.sizes(), " ",
-              n.scalar_type());
-  const at::Tensor nc = n.contiguous();
-  const int64_t* np = nc.data_ptr<int64_t>();
-  std::vector<int64_t> out(B);
-  for (int64_t b = 0; b < B; ++b) out[b] = std::min<int64_t>(std::max<int64_t>(np[b], 0), S);
-  return out;
+// exp(x) for x <= 0 (a score minus the row's largest): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by the Cephes
+// polynomial (within 2 ulp in fp32), times 2^n. Below -87.3 it returns exp(-87.3), whose share of a sum that holds 1
+// (the largest score's term) is nothing in fp32.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, n);
 }
 
-// scores[b, h, r, s] = q[b, h, r, :] . k[b, h, s, :] in fp32 for s < n[b], 0 from n[b] on (q: (B, H, R, D), k: (B, H,
-// S, D), both bf16 with contiguous rows of D, a multiple of 32). Per score: 16 lanes add the pairs of d in order
-// (vdpbf16ps), then the lanes are added in the fixed tree of _mm512_reduce_add_ps. A score depends on its own q row
-// and k row only.
-at::Tensor scores_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& n) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(1) == k.size(1) &&
-                  q.size(3) == k.size(3) && q.size(3) % 32 == 0 && q.stride(3) == 1 && k.stride(3) == 1 &&
-                  q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16,
-              "scores_bf16: q ", q.sizes(), " and k ", k.sizes(), " must be bf16 (B, H, R, D) and (B, H, S, D), D a "
-              "multiple of 32, rows contiguous");
-  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), S = k.size(2), D = q.size(3);
-  const std::vector<int64_t> span = spans(n, B, S);
-  const int64_t longest = span.empty() ? 0 : *std::max_element(span.begin(), span.end());
-  at::Tensor out = at::empty({B, H, R, S}, q.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  const uint16_t* qp = (const uint16_t*)q.data_ptr();
-  const uint16_t* kp = (const uint16_t*)k.data_ptr();
-  // rows in parallel once there is enough work: a one-token call's few rows stay on the calling thread
-  at::parallel_for(0, B * H * R, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, longest * D / 32)), [&](int64_t i0, int64_t i1) {
-    __m512 acc[16];
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (H * R), h = (i / R) % H, r = i % R, Sb = span[b];
-      const uint16_t* qr = qp + b * q.stride(0) + h * q.stride(1) + r * q.stride(2);
-      const uint16_t* kh = kp + b * k.stride(0) + h * k.stride(1);
-      float* orow = o + i * S;
-      std::fill(orow + Sb, orow + S, 0.0f);
-      for (int64_t s0 = 0; s0 < Sb; s0 += 16) {
-        const int64_t n = std::min<int64_t>(16, Sb - s0);
-        const uint16_t* ks[16];  // past the span (the last block), its last slot again: computed, then not stored
-        for (int j = 0; j < 16; ++j) ks[j] = kh + std::min<int64_t>(s0 + j, Sb - 1) * k.stride(2);
-        for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 32) {
-          const __m512bh qv = (__m512bh)_mm512_loadu_si512(qr + d);
-          for (int j = 0; j < 16; ++j)
-            acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(ks[j] + d), qv);
-        }
-        _mm512_mask_storeu_ps(orow + s0, (__mmask16)((1u << n) - 1), lane_sums(acc));
-      }
-    }
-  });
-  return out;
+// Scores of one query row against n key rows ks[0 .. n) (n <= 16, ks[n ..] any valid rows: computed, not stored) into
+// out[0 .. n), times scale. Per score: 16 lanes add the pairs of d in order (vdpbf16ps), then the lanes are added in
+// the fixed tree of _mm512_reduce_add_ps (lane_sums); a score depends on its own q row and k row only.
+inline void score_block(const uint16_t* qr, const uint16_t* const* ks, int64_t n, int64_t D, float scale, float* out) {
+  __m512 acc[16];
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32) {
+    const __m512bh qv = (__m512bh)_mm512_loadu_si512(qr + d);
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(ks[j] + d), qv);
+  }
+  _mm512_mask_storeu_ps(out, (__mmask16)((1u << n) - 1), _mm512_mul_ps(lane_sums(acc), _mm512_set1_ps(scale)));
 }
 
-// y[b, h, r, :] = sum over s = 0, 1, ..., n[b] - 1, in order, of p[b, h, r, s] v[b, h, s, :], in fp32 (one fused
-// multiply-add per term; p: (B, H, R, S) fp32, v: (B, H, S, D) bf16 with contiguous rows, D a multiple of 16; the
-// slots from n[b] on are not read: the caller's p is zero there). Terms whose p is zero (the masked slots) are skipped
-// where a block of 4 rows has them all: adding p v = 0 leaves the sum's bits as they are, so a row's sum depends on
-// its own p row only.
+// The first min(n, 16) lanes.
+inline __mmask16 live(int64_t n) { return (__mmask16)(n >= 16 ? 0xFFFF : (1u << n) - 1); }
+
+// The sum of x[0 .. n) in a fixed order: lane l adds x[l], x[l + 16], ... in order, then the lanes as
+// _mm512_reduce_add_ps adds them.
+inline float ordered_sum(const float* x, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16)
+    acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(live(n - i), x + i));
+  return _mm512_reduce_add_ps(acc);
+}
+
+// The mix of RB query heads that share a KV head: y[j] = bf16(sum over s < n, in order, of e[j][s] v_s / total[j]),
+// one fused multiply-add per term in fp32. A 512-bit load holds 16 pairs of v; a pair's even element is the word
+// shifted up by 16 bits and its odd one the word with its low half cleared, so each load is widened once for all RB
+// heads into an even and an odd accumulator, and the halves are put back in place when rounded to bf16.
 template <int RB>
-inline void mix_rows(const float* p, int64_t S, int64_t Sb, const uint16_t* v, int64_t sv, int64_t D, float* y) {
+inline void mix_heads(const float* const* e, const float* total, int64_t n, const uint16_t* const* vrow, int64_t D,
+                      uint16_t* const* y) {
+  const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
   for (int64_t d0 = 0; d0 < D; d0 += 64) {
-    const int nv = (int)std::min<int64_t>(4, (D - d0) / 16);
-    __m512 acc[RB][4];
+    const int nw = D - d0 >= 64 ? 2 : 1;
+    __m512 acc[RB][2][2];
     for (int j = 0; j < RB; ++j)
-      for (int c = 0; c < 4; ++c) acc[j][c] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < Sb; ++s) {
-      bool zero = true;
-      for (int j = 0; j < RB; ++j) zero = zero && p[j * S + s] == 0.0f;
-      if (zero) continue;
-      __m512 vv[4];
-      for (int c = 0; c < nv; ++c) {
-        const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(v + s * sv + d0 + 16 * c)));
-        vv[c] = _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+      for (int w = 0; w < 2; ++w) acc[j][w][0] = acc[j][w][1] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < n; ++s) {
+      __m512 even[2], odd[2];
+      for (int w = 0; w < nw; ++w) {
+        const __m512i x = _mm512_loadu_si512(vrow[s] + d0 + 32 * w);
+        even[w] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+        odd[w] = _mm512_castsi512_ps(_mm512_and_si512(x, high));
       }
       for (int j = 0; j < RB; ++j) {
-        const __m512 ps = _mm512_set1_ps(p[j * S + s]);
-        for (int c = 0; c < nv; ++c) acc[j][c] = _mm512_fmadd_ps(ps, vv[c], acc[j][c]);
+        const __m512 p = _mm512_set1_ps(e[j][s]);
+        for (int w = 0; w < nw; ++w) {
+          acc[j][w][0] = _mm512_fmadd_ps(p, even[w], acc[j][w][0]);
+          acc[j][w][1] = _mm512_fmadd_ps(p, odd[w], acc[j][w][1]);
+        }
       }
     }
-    for (int j = 0; j < RB; ++j)
-      for (int c = 0; c < nv; ++c) _mm512_storeu_ps(y + j * D + d0 + 16 * c, acc[j][c]);
+    for (int j = 0; j < RB; ++j) {
+      const __m512 sum = _mm512_set1_ps(total[j]);
+      for (int w = 0; w < nw; ++w) {
+        const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_div_ps(acc[j][w][0], sum)));
+        const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_div_ps(acc[j][w][1], sum)));
+        _mm512_storeu_si512(y[j] + d0 + 32 * w, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      }
+    }
   }
 }
 
-at::Tensor mix_bf16(const at::Tensor& p, const at::Tensor& v, const at::Tensor& n) {
-  TORCH_CHECK(p.dim() == 4 && v.dim() == 4 && p.size(0) == v.size(0) && p.size(1) == v.size(1) &&
-                  p.size(3) == v.size(2) && v.size(3) % 16 == 0 && v.stride(3) == 1 &&
-                  p.scalar_type() == at::kFloat && v.scalar_type() == at::kBFloat16,
-              "mix_bf16: p ", p.sizes(), " and v ", v.sizes(), " must be fp32 (B, H, R, S) and bf16 (B, H, S, D), D a "
-              "multiple of 16, rows contiguous");
-  const at::Tensor pc = p.contiguous();
-  const int64_t B = p.size(0), H = p.size(1), R = p.size(2), S = p.size(3), D = v.size(3);
-  const std::vector<int64_t> span = spans(n, B, S);
-  const int64_t longest = span.empty() ? 0 : *std::max_element(span.begin(), span.end());
-  at::Tensor out = at::empty({B, H, R, D}, p.options());
-  float* o = out.data_ptr<float>();
-  const float* pp = pc.data_ptr<float>();
-  const uint16_t* vp = (const uint16_t*)v.data_ptr();
-  const int64_t blocks = (R + 3) / 4;
-  at::parallel_for(0, B * H * blocks, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, longest * D / 16)), [&](int64_t i0, int64_t i1) {
+// Softmax attention of the decoding calls, one operator per layer: per new token t of batch row b and query head h
+// (KV head h / G), over the cache slots s < cut[b, t] where they are ("early": committed slots every call at the
+// token's position holds alike), then over the slots keys[b, t, 0 ..] in that order ("late": the token's last keys
+// in decoding order; a negative entry is no key). q: (B, T, Hq, D); k, v: (B, H_kv, S, D), bf16, rows contiguous,
+// D a multiple of 32 up to 256. Returns (B, T, Hq, D) bf16 (zeros for a token with no slot):
+//
+//     y = bf16( (sum over early s in order, then late j in order, of e_i v_i) / (sum_early e + sum_late e) )
+//     e_i = exp(score_i - max score), score_i = (q . k_i, as score_block sums it) * scale, each sum of e in
+//     ordered_sum's order, the mix as mix_heads sums it
+//
+// A token's output depends on its own q row, the early slots and its keys' rows only: not on the call's width, the
+// other tokens or the threads. The G query heads of a KV head go together (its K and V rows are read once per token
+// from memory); tokens and KV heads are split over threads once there is enough work.
+at::Tensor attend_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cut,
+                       const at::Tensor& keys, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(0) == k.size(0) && k.sizes() == v.sizes() &&
+                  q.size(3) == k.size(3) && q.size(3) % 32 == 0 && q.size(3) <= 256 && q.size(2) % k.size(1) == 0 &&
+                  q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && q.scalar_type() == at::kBFloat16 &&
+                  k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+              "attend_bf16: q ", q.sizes(), ", k ", k.sizes(), " and v ", v.sizes(), " must be bf16 (B, T, Hq, D), "
+              "(B, H_kv, S, D) and (B, H_kv, S, D), Hq a multiple of H_kv, D a multiple of 32 up to 256, rows contiguous");
+  const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3), H = k.size(1), S = k.size(2);
+  const int64_t G = Hq / H;
+  TORCH_CHECK(cut.dim() == 2 && cut.size(0) == B && cut.size(1) == T && cut.scalar_type() == at::kLong &&
+                  keys.dim() == 3 && keys.size(0) == B && keys.size(1) == T && keys.scalar_type() == at::kLong &&
+                  cut.device().is_cpu() && keys.device().is_cpu(),
+              "attend_bf16: cut ", cut.sizes(), " and keys ", keys.sizes(), " must be int64 CPU tensors (", B, ", ", T,
+              ") and (", B, ", ", T, ", L)");
+  const at::Tensor cc = cut.contiguous(), kc = keys.contiguous();
+  const int64_t* cp = cc.data_ptr<int64_t>();
+  const int64_t* kp = kc.data_ptr<int64_t>();
+  const int64_t L = keys.size(2);
+  int64_t most = 0;  // the most slots a token attends to
+  for (int64_t i = 0; i < B * T; ++i) {
+    TORCH_CHECK(cp[i] >= 0 && cp[i] <= S, "attend_bf16: cut ", cp[i], " is outside the cache's 0 .. ", S, " slots");
+    for (int64_t j = 0; j < L; ++j)
+      TORCH_CHECK(kp[i * L + j] < S, "attend_bf16: key slot ", kp[i * L + j], " is past the cache's ", S, " slots");
+    most = std::max(most, cp[i] + L);
+  }
+  at::Tensor out = at::empty({B, T, Hq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  const uint16_t* qp = (const uint16_t*)q.data_ptr();
+  const uint16_t* kb = (const uint16_t*)k.data_ptr();
+  const uint16_t* vb = (const uint16_t*)v.data_ptr();
+  uint16_t* op = (uint16_t*)out.data_ptr();
+  const float sc = (float)scale;
+  // items (b, t, h): in parallel once a thread's share is worth a fork (~G * most * D multiply-adds each, twice)
+  const int64_t work = std::max<int64_t>(1, G * most * D / 1024);
+  at::parallel_for(0, B * T * H, std::max<int64_t>(1, 256 / work), [&](int64_t i0, int64_t i1) {
+    std::vector<float> e(G * most), total(G);
+    std::vector<const uint16_t*> krow(most), vrow(most);
+    std::vector<const float*> erow(G);
+    std::vector<uint16_t*> yrow(G);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (H * blocks), h = (i / blocks) % H, r = 4 * (i % blocks);
-      const float* pr = pp + ((b * H + h) * R + r) * S;
-      const uint16_t* vh = vp + b * v.stride(0) + h * v.stride(1);
-      float* yr = o + ((b * H + h) * R + r) * D;
-      const int64_t Sb = span[b];
-      switch (std::min<int64_t>(4, R - r)) {
-        case 4: mix_rows<4>(pr, S, Sb, vh, v.stride(2), D, yr); break;
-        case 3: mix_rows<3>(pr, S, Sb, vh, v.stride(2), D, yr); break;
-        case 2: mix_rows<2>(pr, S, Sb, vh, v.stride(2), D, yr); break;
-        default: mix_rows<1>(pr, S, Sb, vh, v.stride(2), D, yr); break;
+      const int64_t b = i / (T * H), t = (i / H) % T, h = i % H;
+      const int64_t* kt = kp + (b * T + t) * L;
+      const uint16_t* kh = kb + b * k.stride(0) + h * k.stride(1);
+      const uint16_t* vh = vb + b * v.stride(0) + h * v.stride(1);
+      int64_t n = cp[b * T + t], early = n;
+      for (int64_t s = 0; s < early; ++s) krow[s] = kh + s * k.stride(2), vrow[s] = vh + s * v.stride(2);
+      for (int64_t j = 0; j < L; ++j)
+        if (kt[j] >= 0) krow[n] = kh + kt[j] * k.stride(2), vrow[n] = vh + kt[j] * v.stride(2), ++n;
+      for (int64_t g = 0; g < G; ++g) {
+        const uint16_t* qr = qp + b * q.stride(0) + t * q.stride(1) + (h * G + g) * q.stride(2);
+        float* eg = e.data() + g * most;
+        // scores, early block by block, then late (a block never mixes the two)
+        for (int64_t part = 0; part < 2; ++part) {
+          const int64_t s1 = part == 0 ? early : n;
+          for (int64_t s0 = part == 0 ? 0 : early; s0 < s1; s0 += 16) {
+            const uint16_t* ks[16];
+            for (int j = 0; j < 16; ++j) ks[j] = krow[std::min<int64_t>(s0 + j, s1 - 1)];
+            score_block(qr, ks, std::min<int64_t>(16, s1 - s0), D, sc, eg + s0);
+          }
+        }
+        __m512 top = _mm512_set1_ps(-INFINITY);
+        for (int64_t s = 0; s < n; s += 16)
+          top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, live(n - s), eg + s));
+        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+        for (int64_t s = 0; s < n; s += 16)
+          _mm512_mask_storeu_ps(eg + s, live(n - s), exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live(n - s), eg + s), m)));
+        total[g] = ordered_sum(eg, early) + ordered_sum(eg + early, n - early);
+        erow[g] = eg;
+        yrow[g] = op + ((b * T + t) * Hq + h * G + g) * D;
+        if (n == 0) std::fill(yrow[g], yrow[g] + D, 0);  // a token with no slot to attend to: zeros
+      }
+      for (int64_t g = 0; n > 0 && g < G; g += 4) {
+        switch (std::min<int64_t>(4, G - g)) {
+          case 4: mix_heads<4>(&erow[g], &total[g], n, vrow.data(), D, &yrow[g]); break;
+          case 3: mix_heads<3>(&erow[g], &total[g], n, vrow.data(), D, &yrow[g]); break;
+          case 2: mix_heads<2>(&erow[g], &total[g], n, vrow.data(), D, &yrow[g]); break;
+          default: mix_heads<1>(&erow[g], &total[g], n, vrow.data(), D, &yrow[g]); break;
+        }
       }
     }
   });
@@ -221,12 +282,10 @@ at::Tensor mix_bf16(const at::Tensor& p, const at::Tensor& v, const at::Tensor& 
 
 TORCH_LIBRARY(minipass_cpu, m) {
   m.def("linear_bf16(Tensor x, Tensor w, int n) -> Tensor");
-  m.def("scores_bf16(Tensor q, Tensor k, Tensor n) -> Tensor");
-  m.def("mix_bf16(Tensor p, Tensor v, Tensor n) -> Tensor");
+  m.def("attend_bf16(Tensor q, Tensor k, Tensor v, Tensor cut, Tensor keys, float scale) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(minipass_cpu, CPU, m) {
   m.impl("linear_bf16", linear_bf16);
-  m.impl("scores_bf16", scores_bf16);
-  m.impl("mix_bf16", mix_bf16);
+  m.impl("attend_bf16", attend_bf16);
 }
 

@@ -1,5 +1,5 @@
-"""bf16 products for x86 CPUs with AVX512-BF16, for the few rows of a decoding step: a linear layer's y = x W^T
-(`linear`), and attention's scores q K^T and mix P V over a KV cache (`scores`, `mix`).
+"""bf16 kernels for x86 CPUs with AVX512-BF16, for the few rows of a decoding step: a linear layer's y = x W^T
+(`linear`), and the softmax attention of the new tokens over a KV cache (`attend`).
 
 Why: decoding reads every weight once per step, so its products are matrix-vector (one row) or thin (a tree's 4 to
 64 rows). oneDNN, which runs torch's bf16 products on a CPU without AMX tiles, streams such products at well under
@@ -15,12 +15,14 @@ in the call and however the work is split. Packed layout (see pack): (ceil(N / 3
     from kernels.cpu_bf16 import available, linear
     y = linear(x, weight)          # x (..., K) bf16 CPU, weight (N, K) bf16: packed once and cached (eager)
 
-Attention's two products over the cache (B, H, S, D) are per row too: scores[r, s] = q[r] . k[s] in fp32 (16 lanes
-over the pairs of d, then a fixed tree over the lanes), and mix[r] = sum over s in order of p[r, s] v[s] in fp32.
-Each replaces a small batched product whose per-call set-up (~25 us) outweighs its arithmetic at decoding sizes.
+Attention (`attend`) is one operator per layer: each new token's scores over its slots (16 lanes over the pairs of d,
+then a fixed tree over the lanes), their softmax (an fp32 exp of the kernel's own, sums in a fixed order) and the mix
+with V (the slots in order, one fused multiply-add each), in place of some ten small operations whose per-call set-up
+outweighs their arithmetic at decoding sizes. The slots a token attends to come in two parts, both in an order that
+is a function of its position (model.Layout): the committed slots below a cut, and its last keys in decoding order.
 
-`linear_reference`, `scores_reference` and `mix_reference` are the same products in torch, for any machine. Depends on
-torch and a C++ compiler only.
+`linear_reference` and `attend_reference` are the same computations in torch, for any machine (the first bit for
+bit, the second in float64). Depends on torch and a C++ compiler only.
 """
 
 from __future__ import annotations
@@ -130,10 +132,8 @@ def available() -> bool:
                 torch.ops.load_library(str(build()))
                 torch.library.register_fake("minipass_cpu::linear_bf16")(
                     lambda x, w, n: x.new_empty(x.shape[0], n))
-                torch.library.register_fake("minipass_cpu::scores_bf16")(
-                    lambda q, k, n: q.new_empty(*q.shape[:3], k.shape[2], dtype=torch.float32))
-                torch.library.register_fake("minipass_cpu::mix_bf16")(
-                    lambda p, v, n: p.new_empty(*p.shape[:3], v.shape[3]))
+                torch.library.register_fake("minipass_cpu::attend_bf16")(
+                    lambda q, k, v, cut, keys, scale: torch.empty_like(q, memory_format=torch.contiguous_format))
                 _state["ok"] = True
             except (OSError, RuntimeError) as e:
                 _state["why"] = f"the kernel could not be built or loaded: {e}"
@@ -198,55 +198,30 @@ def linears(x: Tensor, weights: list, biases: list) -> list:
 
 
 def attention_fits(q: Tensor, k: Tensor) -> bool:
-    """Whether scores() and mix() take attention over this cache: bf16 on the CPU, D a multiple of 32."""
+    """Whether attend() takes attention over this cache: bf16 on the CPU, D a multiple of 32 up to 256."""
     return (q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16 and q.device.type == "cpu"
             and q.shape[-1] % 32 == 0 and q.shape[-1] <= 256 and preferred())
 
 
-def _span(n: Optional[Tensor], B: int, S: int) -> Tensor:
-    return torch.full((B,), S, dtype=torch.long) if n is None else n
+def attend(q: Tensor, k: Tensor, v: Tensor, cut: Tensor, keys: Tensor, scale: float) -> Tensor:
+    """Softmax attention of a decoding call in one operator (see attention_fits): q (B, T, Hq, D) bf16, k and v (B,
+    H_kv, S, D) bf16 (Hq a multiple of H_kv, grouped-query), cut (B, T) int64, keys (B, T, L) int64. New token t of row
+    b attends over the cache slots s < cut[b, t], then over the slots keys[b, t, j] >= 0 in order of j (negative: no
+    key); its scores are q . k * scale. Returns (B, T, Hq, D) bf16. Each output row is summed in a fixed order of its
+    own slots (attend_bf16 in cpu_bf16.cpp): the same bits in a call of any width, with any other tokens."""
+    return ops().attend_bf16(q, k, v, cut, keys, float(scale))
 
 
-def scores(q: Tensor, k: Tensor, n: Optional[Tensor] = None) -> Tensor:
-    """q (B, H, R, D) times k (B, H, S, D) transposed: (B, H, R, S) fp32 scores (see attention_fits). n (B,) int64:
-    batch row b's scores are computed over slots 0 .. n[b] - 1 only and are 0 from n[b] on (None: all S), so a
-    decoding step costs what its rows' lengths ask, not what the cache holds."""
-    return ops().scores_bf16(q, k, _span(n, q.shape[0], k.shape[2]))
-
-
-def mix(p: Tensor, v: Tensor, n: Optional[Tensor] = None) -> Tensor:
-    """p (B, H, R, S) fp32 times v (B, H, S, D) bf16: (B, H, R, D) fp32 (see attention_fits), over slots 0 .. n[b] - 1
-    of batch row b (None: all S); p must be zero from n[b] on, where the slots are not read."""
-    return ops().mix_bf16(p, v, _span(n, p.shape[0], p.shape[3]))
-
-
-def scores_reference(q: Tensor, k: Tensor, n: Optional[Tensor] = None) -> Tensor:
-    """The kernel's scores in torch: lane l of 16 adds the pairs of d = 32j + 2l, 32j + 2l + 1 for j in order (high
-    element first, as vdpbf16ps), then the lanes are added as _mm512_reduce_add_ps does (halves, then quarters...).
-    Slow; for tests."""
-    qf, kf = q.float(), k.float()
-    D = q.shape[-1]
-    lanes = torch.zeros(*q.shape[:3], k.shape[2], 16)
-    for j in range(D // 32):
-        for e in (1, 0):
-            d = 32 * j + 2 * torch.arange(16) + e
-            lanes = lanes + qf[..., d][:, :, :, None, :] * kf[..., d][:, :, None, :, :]
-    while lanes.shape[-1] > 1:
-        half = lanes.shape[-1] // 2
-        lanes = lanes[..., :half] + lanes[..., half:]
-    S = k.shape[2]
-    inside = torch.arange(S) < _span(n, q.shape[0], S)[:, None]  # (B, S)
-    return torch.where(inside[:, None, None], lanes[..., 0], 0.0)
-
-
-def mix_reference(p: Tensor, v: Tensor, n: Optional[Tensor] = None) -> Tensor:
-    """The kernel's mix in torch: the slots below n[b] added in order, each product rounded once and added (an fp32
-    fused multiply-add rounds once: the product p v of a bf16 v in fp32 is exact only when p's bits allow, so this adds
-    in float64 and rounds each step to fp32, which is what a fused multiply-add gives). Slow; for tests."""
-    acc = torch.zeros(*p.shape[:3], v.shape[3], dtype=torch.float64)
-    vd, pd = v.double(), p.double()
-    inside = torch.arange(p.shape[3]) < _span(n, p.shape[0], p.shape[3])[:, None]  # (B, S)
-    for s in range(p.shape[3]):
-        term = pd[..., s, None] * vd[:, :, None, s, :] * inside[:, s, None, None, None]
-        acc = (acc + term).float().double()
-    return acc.float()
+def attend_reference(q: Tensor, k: Tensor, v: Tensor, cut: Tensor, keys: Tensor, scale: float) -> Tensor:
+    """attend() in torch, in float64 (the kernel's exp and sums round otherwise: compare with a tolerance). For tests."""
+    B, T, Hq, D = q.shape
+    H = k.shape[1]
+    out = torch.empty(B, T, Hq, D, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            slots = torch.cat([torch.arange(int(cut[b, t])), keys[b, t][keys[b, t] >= 0]])
+            for hq in range(Hq):
+                h = hq // (Hq // H)
+                s = (k[b, h, slots].double() @ q[b, t, hq].double()) * scale
+                out[b, t, hq] = torch.softmax(s, dim=0) @ v[b, h, slots].double()
+    return out

@@ -151,11 +151,13 @@ class Layout(NamedTuple):
       0 where a new token attends, -inf elsewhere.
     The masks are additive and float: adding 0 leaves a score exactly as it is, and a compiled CPU kernel adds floats
     at full vector width where it selects on booleans element by element.
-    span: (B,) int64, the slots any new token of a row can attend to are below it (its cache length + T): the CPU
-      kernels' scores and mix stop there, so a step's attention costs what the row holds, not the cache's capacity."""
+    rows: for the CPU kernel that attends in one operator (kernels/cpu_bf16.attend), the same split: (cut, keys), cut
+      (B, T) int64 each row's cut, keys (B, T, 2 * RECENT) int64 the slots of its gathered keys, -1 past the row itself.
+      The kernel reads the slots a row attends to and no others, so a step's attention costs what the row holds, not
+      the cache's capacity."""
     recent: Optional[tuple]
     bias: Optional[Tensor]
-    span: Optional[Tensor] = None
+    rows: Optional[tuple] = None
 
 
 def attention_layout(cache_seqlens: Tensor, mask: Optional[Tensor], T: int, kv_len: int) -> Layout:
@@ -173,10 +175,8 @@ def attention_layout(cache_seqlens: Tensor, mask: Optional[Tensor], T: int, kv_l
     mask = mask.expand(B, T, T)
     ninf = torch.tensor(float("-inf"), device=device)
     prefix = torch.where(torch.arange(kv_len, device=device) < base, 0.0, ninf)[:, None, :].expand(B, T, kv_len)
-    span = (cache_seqlens + T).clamp(max=kv_len)
     if T > 2 * RECENT:  # the committed prefix, and the new tokens of each row's mask row
-        return Layout(None, prefix.scatter(2, (base + pos)[:, None, :].expand(B, T, T), torch.where(mask, 0.0, ninf)),
-                      span)
+        return Layout(None, prefix.scatter(2, (base + pos)[:, None, :].expand(B, T, T), torch.where(mask, 0.0, ninf)))
     p = base + mask.sum(-1) - 1  # (B, T): each row's position
     cut = torch.minimum((p // RECENT * RECENT - RECENT).clamp(min=0), base)
     win = cut[:, :, None] + torch.arange(2 * RECENT, device=device)  # (B, T, 2R): slots cut .. cut + 2R - 1
@@ -189,7 +189,7 @@ def attention_layout(cache_seqlens: Tensor, mask: Optional[Tensor], T: int, kv_l
     late = torch.where(keys < big, 0.0, ninf)  # (B, T, 2R): up to the row itself
     early = prefix.scatter(2, win.clamp(max=kv_len - 1), ninf.expand(B, T, 2 * RECENT))  # (B, T, S): below the cut
     return Layout((early[:, None, None], keys.clamp(max=kv_len - 1).view(B, 1, -1, 1), late[:, None, None]), None,
-                  span)
+                  (cut, torch.where(keys < big, keys, -1)))
 
 
 def attention_torch(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
@@ -202,12 +202,14 @@ def attention_torch(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
+    # Decoding calls on a CPU with AVX512-BF16: the whole attention in one operator of minipass's (kernels/cpu_bf16.py)
+    # that sums each row over the same split of its slots in a fixed order, in place of the ~10 operations below,
+    # whose per-call set-up outweighs their arithmetic at decoding sizes.
+    if layout.rows is not None and cpu_bf16.attention_fits(q, k):
+        cut, keys = layout.rows
+        return cpu_bf16.attend(q.transpose(1, 2), k, v, cut, keys, 1.0 / math.sqrt(D)).transpose(1, 2)
     qg = q.reshape(B, Hkv, G * T, D)  # head h = kv_head * G + g
-    # Decoding calls on a CPU with AVX512-BF16: minipass's products over the cache (kernels/cpu_bf16.py), whose
-    # per-row sums are in a fixed order, in place of batched products whose set-up outweighs their arithmetic.
-    own = layout.recent is not None and cpu_bf16.attention_fits(q, k)
-    scores = cpu_bf16.scores(qg, k, layout.span) if own else (qg @ k.transpose(-1, -2)).float()
-    scores = scores.view(B, Hkv, G, T, S) * (1.0 / math.sqrt(D))
+    scores = (qg @ k.transpose(-1, -2)).float().view(B, Hkv, G, T, S) * (1.0 / math.sqrt(D))
     if layout.recent is None:  # one softmax and one product over the slots, where the keys are
         probs = torch.softmax(scores + layout.bias[:, None, None], dim=-1)
         return (probs.to(v.dtype).view(B, Hkv, G * T, S) @ v).view(B, Hq, T, D)
@@ -219,10 +221,7 @@ def attention_torch(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> Tensor:
     top = torch.maximum(early.amax(-1, keepdim=True), late.amax(-1, keepdim=True))
     early, late = torch.exp(early - top), torch.exp(late - top)
     total = early.sum(-1, keepdim=True) + late.sum(-1, keepdim=True)
-    if own:
-        y = cpu_bf16.mix((early / total).view(B, Hkv, G * T, S), v, layout.span)  # (B, H_kv, G*T, D), fp32
-    else:
-        y = (early / total).to(v.dtype).view(B, Hkv, G * T, S) @ v  # (B, H_kv, G*T, D)
+    y = (early / total).to(v.dtype).view(B, Hkv, G * T, S) @ v  # (B, H_kv, G*T, D)
     # Per row, its own keys: a product over its 2R gathered rows of V, in fp32 (on a CPU, MKL's small fp32 products
     # cost a fifth of oneDNN's bf16 ones, whose per-call set-up dominates at these sizes).
     v_late = v.gather(2, keys.expand(B, Hkv, T * R, D)).view(B, Hkv, T, R, D).float()

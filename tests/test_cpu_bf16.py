@@ -1,5 +1,6 @@
 """kernels/cpu_bf16: the bf16 product for CPUs with AVX512-BF16, against its torch reference and F.linear; its rows'
-bits whatever the number of rows; its packed weights kept only while the weight is unchanged."""
+bits whatever the number of rows; its packed weights kept only while the weight is unchanged; the attention operator
+against softmax attention in float64, and a token's bits whatever the call."""
 
 import pytest
 import torch
@@ -106,60 +107,6 @@ def test_the_kernel_agrees_with_f_linear():
 
 
 @needs_kernel
-@pytest.mark.parametrize("R, S, D", [(1, 1, 32), (9, 40, 64), (4, 33, 128)])
-def test_attention_products_are_their_references(R, S, D):
-    q, k, v = bf16(2, 3, R, D, seed=13), bf16(2, 3, S + 5, D, seed=14), bf16(2, 3, S + 5, D, seed=15)
-    k, v = k[:, :, :S], v[:, :, :S]  # a slice of a longer cache, as the model reads it
-    scores = cpu_bf16.scores(q, k)
-    assert torch.equal(scores, cpu_bf16.scores_reference(q, k))
-    assert torch.allclose(scores, q.float() @ k.float().transpose(-1, -2), rtol=1e-5, atol=1e-4)
-    p = torch.softmax(scores, dim=-1)
-    mixed = cpu_bf16.mix(p, v)
-    assert torch.equal(mixed, cpu_bf16.mix_reference(p, v))
-    assert torch.allclose(mixed, p @ v.float(), rtol=1e-5, atol=1e-5)
-
-
-@needs_kernel
-def test_attention_rows_have_the_same_bits_in_any_call():
-    q, k, v = bf16(1, 3, 12, 64, seed=16), bf16(1, 3, 70, 64, seed=17), bf16(1, 3, 70, 64, seed=18)
-    scores = cpu_bf16.scores(q, k)
-    p = torch.softmax(scores, dim=-1)
-    mixed = cpu_bf16.mix(p, v)
-    for r in range(12):
-        assert torch.equal(cpu_bf16.scores(q[:, :, r:r + 1], k), scores[:, :, r:r + 1])
-        assert torch.equal(cpu_bf16.mix(p[:, :, r:r + 1], v), mixed[:, :, r:r + 1])
-
-
-@needs_kernel
-def test_attention_products_stop_at_each_rows_span():
-    # Batch row b reads slots 0 .. n[b] - 1 only: its scores there have the bits of the whole cache's, 0 after; the
-    # mix leaves out whatever p holds from n[b] on (garbage here, which the full mix would add).
-    q, k, v = bf16(3, 3, 5, 64, seed=31), bf16(3, 3, 50, 64, seed=32), bf16(3, 3, 50, 64, seed=33)
-    n = torch.tensor([17, 0, 50])
-    full, part = cpu_bf16.scores(q, k), cpu_bf16.scores(q, k, n)
-    assert torch.equal(part, cpu_bf16.scores_reference(q, k, n))
-    inside = (torch.arange(50) < n[:, None])[:, None, None]  # (B, 1, 1, S)
-    assert torch.equal(part, torch.where(inside, full, 0.0))
-    p = torch.softmax(full, dim=-1)
-    mixed = cpu_bf16.mix(p, v, n)
-    assert torch.equal(mixed, cpu_bf16.mix_reference(p, v, n))
-    assert torch.equal(mixed, cpu_bf16.mix(torch.where(inside, p, 0.0), v))
-    assert not torch.equal(mixed[0], cpu_bf16.mix(p, v)[0])  # row 0's p past its span was not read
-    with pytest.raises(RuntimeError, match="int64 CPU tensor of slots per batch row"):
-        cpu_bf16.scores(q, k, n[:2])
-
-
-@needs_kernel
-def test_attention_products_refuse_what_they_cannot_read():
-    q, k = bf16(1, 3, 2, 48), bf16(1, 3, 8, 48)
-    assert not cpu_bf16.attention_fits(q, k)
-    with pytest.raises(RuntimeError, match="multiple of 32"):
-        cpu_bf16.scores(q, k)
-    with pytest.raises(RuntimeError, match="must be fp32"):
-        cpu_bf16.mix(bf16(1, 3, 2, 8), bf16(1, 3, 8, 64))
-
-
-@needs_kernel
 def test_stacked_weights_give_each_output_its_own_bits():
     x = bf16(5, 96, seed=19)
     ws = [bf16(150, 96, seed=20), bf16(40, 96, seed=21), bf16(40, 96, seed=22)]
@@ -170,3 +117,64 @@ def test_stacked_weights_give_each_output_its_own_bits():
     with torch.no_grad():
         ws[2].add_(1)  # the last weight changes: the stacked packing is made again
     assert torch.equal(cpu_bf16.linears(x, ws, bs)[2], cpu_bf16.linear(x, ws[2]))
+
+
+def decoding_call(B, T, Hq, H, S, D, seed):
+    """q, k, v and a split of each token's slots (cut, keys) as a decoding call's layout makes them: keys past the cut,
+    some of them none (-1)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = bf16(B, T, Hq, D, seed=seed), bf16(B, H, S, D, seed=seed + 1), bf16(B, H, S, D, seed=seed + 2)
+    cut = torch.randint(0, S - 8, (B, T), generator=g)
+    keys = cut[:, :, None] + torch.randint(0, 8, (B, T, 6), generator=g)
+    keys = torch.where(torch.rand(B, T, 6, generator=g) < 0.3, -1, keys)
+    return q, k, v, cut, keys
+
+
+@needs_kernel
+@pytest.mark.parametrize("B, T, Hq, H, S, D", [(1, 1, 9, 3, 40, 64), (2, 5, 4, 4, 70, 32), (1, 3, 6, 2, 33, 128)])
+def test_attend_is_softmax_attention_over_each_tokens_slots(B, T, Hq, H, S, D):
+    q, k, v, cut, keys = decoding_call(B, T, Hq, H, S, D, seed=40)
+    got = cpu_bf16.attend(q, k, v, cut, keys, D ** -0.5)
+    want = cpu_bf16.attend_reference(q, k, v, cut, keys, D ** -0.5)
+    assert got.shape == q.shape and got.dtype == torch.bfloat16
+    assert torch.allclose(got.double(), want, rtol=2 ** -7, atol=2 ** -9)  # one bf16 rounding, and the fp32 exp
+    # the same slots in another order of the keys: the same attention (within rounding), so order is all keys carry
+    swapped = keys.flip(-1)
+    assert torch.allclose(cpu_bf16.attend(q, k, v, cut, swapped, D ** -0.5).double(), want, rtol=2 ** -7, atol=2 ** -9)
+
+
+@needs_kernel
+def test_attend_gives_a_token_the_same_bits_in_any_call():
+    # A token's output depends on its own row, slots and keys: alone, among other tokens, on one thread or two.
+    q, k, v, cut, keys = decoding_call(2, 12, 9, 3, 300, 64, seed=50)
+    together = cpu_bf16.attend(q, k, v, cut, keys, 0.125)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(cpu_bf16.attend(q, k, v, cut, keys, 0.125), together)
+    finally:
+        torch.set_num_threads(threads)
+    for b in range(2):
+        for t in range(12):
+            alone = cpu_bf16.attend(q[b:b + 1, t:t + 1], k[b:b + 1], v[b:b + 1], cut[b:b + 1, t:t + 1],
+                                    keys[b:b + 1, t:t + 1], 0.125)
+            assert torch.equal(alone, together[b:b + 1, t:t + 1]), (b, t)
+    # a token without any slot gets zeros, not NaN
+    none = cpu_bf16.attend(q[:1, :1], k[:1], v[:1], torch.zeros(1, 1, dtype=torch.long),
+                           torch.full((1, 1, 4), -1), 0.125)
+    assert torch.equal(none, torch.zeros_like(none))
+
+
+@needs_kernel
+def test_attend_refuses_what_it_cannot_read():
+    q, k, v, cut, keys = decoding_call(1, 2, 6, 3, 20, 64, seed=60)
+    with pytest.raises(RuntimeError, match="cut 21 is outside the cache's 0 .. 20 slots"):
+        cpu_bf16.attend(q, k, v, torch.full((1, 2), 21), keys, 1.0)
+    with pytest.raises(RuntimeError, match="key slot 20 is past the cache's 20 slots"):
+        cpu_bf16.attend(q, k, v, cut, torch.full((1, 2, 3), 20), 1.0)
+    with pytest.raises(RuntimeError, match="must be int64 CPU tensors"):
+        cpu_bf16.attend(q, k, v, cut[:, :1], keys, 1.0)
+    q48, k48 = bf16(1, 2, 6, 48), bf16(1, 3, 20, 48)
+    assert not cpu_bf16.attention_fits(q48.transpose(1, 2), k48)  # the model keeps such heads on torch's attention
+    with pytest.raises(RuntimeError, match="Hq a multiple of H_kv, D a multiple of 32"):
+        cpu_bf16.attend(q48, k48, k48, cut, keys, 1.0)
