@@ -1,5 +1,5 @@
 // bf16 kernels for the few rows of a decoding step on x86 CPUs with AVX512-BF16 (built by cpu_bf16.py on first
-// use): a linear layer's y = x W^T, and the softmax attention of the new tokens over a KV cache.
+// use): a linear layer's y = x W^T, a SwiGLU MLP, and the softmax attention of the new tokens over a KV cache.
 //
 // linear_bf16: x (M, K) bf16, rows contiguous; W (N, K) packed as (ceil(N / 32), K / 2, 32, 2): tile t holds outputs
 // 32 t .. 32 t + 31, and for each pair of inputs (2p, 2p + 1) their 32 weights side by side, input-pair-major, so a
@@ -48,19 +48,9 @@ inline void tile(const uint32_t* x, int64_t pairs, const uint16_t* w, at::BFloat
     }
 }
 
-at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, int64_t N) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
-              "cpu_linear: x must be a 2-D bf16 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
-  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.size(2) == TILE &&
-                  w.size(3) == 2 && 2 * w.size(1) == x.size(1) && w.size(0) * TILE >= N && N > (w.size(0) - 1) * TILE,
-              "cpu_linear: packed weight of shape ", w.sizes(), " does not fit x of shape ", x.sizes(), " and ", N,
-              " outputs (see pack)");
-  const at::Tensor xc = x.contiguous();
-  const int64_t M = xc.size(0), pairs = xc.size(1) / 2, tiles = w.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const uint32_t* xp = (const uint32_t*)xc.data_ptr();
-  const uint16_t* wp = (const uint16_t*)w.data_ptr();
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+// y (M, N) = x (M, 2 pairs) times the packed weight's tiles, threads splitting the tiles.
+void linear_into(const uint32_t* xp, int64_t M, int64_t pairs, const uint16_t* wp, int64_t tiles, int64_t N,
+                 at::BFloat16* yp) {
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const uint16_t* wt = wp + t * pairs * 2 * TILE;
@@ -78,6 +68,81 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, int64_t N) {
       }
     }
   });
+}
+
+void check_packed(const at::Tensor& w, int64_t K, int64_t N, const char* what) {
+  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.size(2) == TILE &&
+                  w.size(3) == 2 && 2 * w.size(1) == K && w.size(0) * TILE >= N && N > (w.size(0) - 1) * TILE,
+              what, ": packed weight of shape ", w.sizes(), " does not fit ", K, " inputs and ", N,
+              " outputs (see pack)");
+}
+
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
+              "cpu_linear: x must be a 2-D bf16 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  check_packed(w, x.size(1), N, "cpu_linear");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({xc.size(0), N}, x.options());
+  linear_into((const uint32_t*)xc.data_ptr(), xc.size(0), xc.size(1) / 2, (const uint16_t*)w.data_ptr(), w.size(0),
+              N, y.data_ptr<at::BFloat16>());
+  return y;
+}
+
+// exp(x) for x <= 0 (a score minus the row's largest; silu's exp(-|g|)): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by
+// the Cephes polynomial (within 2 ulp in fp32), times 2^n. Below -87.3 it returns exp(-87.3) (~1e-38): nothing next
+// to the 1 a softmax's sum holds, and a silu of 0 to fp32's precision.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+// fp32 <-> bf16 for 16 values: widen exactly; round to nearest even.
+inline __m512 widen(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline __m512 round_bf16(__m512 x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+
+// A SwiGLU MLP's decoding call in one operator: y = bf16(h W_down^T), h = bf16(bf16(silu(g)) * u), [g, u] = bf16(x
+// [W_gate; W_up]^T) (gu: the gate and up weights stacked along their outputs and packed, as linears() packs them;
+// down: packed, N outputs from H inputs), each product summed as linear_bf16 sums it, silu(g) = g / (1 + exp(-g)) in
+// fp32 with this file's exp. Every value depends on its own row of x only.
+at::Tensor mlp_bf16(const at::Tensor& x, const at::Tensor& gu, const at::Tensor& down, int64_t H, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu() && H % 32 == 0,
+              "mlp_bf16: x must be a 2-D bf16 CPU tensor and the hidden size a multiple of 32, got ", x.sizes(), " ",
+              x.scalar_type(), " and ", H);
+  check_packed(gu, x.size(1), 2 * H, "mlp_bf16 (gate and up)");
+  check_packed(down, H, N, "mlp_bf16 (down)");
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0);
+  at::Tensor g = at::empty({M, 2 * H}, x.options()), h = at::empty({M, H}, x.options()), y = at::empty({M, N}, x.options());
+  linear_into((const uint32_t*)xc.data_ptr(), M, xc.size(1) / 2, (const uint16_t*)gu.data_ptr(), gu.size(0), 2 * H,
+              g.data_ptr<at::BFloat16>());
+  const at::BFloat16* gp = g.data_ptr<at::BFloat16>();
+  at::BFloat16* hp = h.data_ptr<at::BFloat16>();
+  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < H; j += 16) {
+      const __m512 gate = widen(gp + m * 2 * H + j), up = widen(gp + m * 2 * H + H + j);
+      // exp(-g): exp(-|g|), inverted where g < 0
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(zero, _mm512_abs_ps(gate)));
+      const __m512 expm = _mm512_mask_div_ps(e, _mm512_cmp_ps_mask(gate, zero, _CMP_LT_OQ), one, e);
+      const __m512 silu = round_bf16(_mm512_div_ps(gate, _mm512_add_ps(one, expm)));
+      _mm256_storeu_si256((__m256i*)(hp + m * H + j), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, up)));
+    }
+  linear_into((const uint32_t*)hp, M, H / 2, (const uint16_t*)down.data_ptr(), down.size(0), N, y.data_ptr<at::BFloat16>());
   return y;
 }
 
@@ -96,25 +161,6 @@ inline __m512 lane_sums(const __m512* acc) {
   for (int i = 0; i < 2; ++i)
     e[i] = _mm512_add_ps(_mm512_shuffle_ps(d[2 * i], d[2 * i + 1], 0x44), _mm512_shuffle_ps(d[2 * i], d[2 * i + 1], 0xEE));
   return _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88), _mm512_shuffle_ps(e[0], e[1], 0xDD));
-}
-
-// exp(x) for x <= 0 (a score minus the row's largest): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by the Cephes
-// polynomial (within 2 ulp in fp32), times 2^n. Below -87.3 it returns exp(-87.3), whose share of a sum that holds 1
-// (the largest score's term) is nothing in fp32.
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(y, n);
 }
 
 // Scores of one query row against n key rows ks[0 .. n) (n <= 16, ks[n ..] any valid rows: computed, not stored) into
@@ -282,10 +328,12 @@ at::Tensor attend_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 
 TORCH_LIBRARY(minipass_cpu, m) {
   m.def("linear_bf16(Tensor x, Tensor w, int n) -> Tensor");
+  m.def("mlp_bf16(Tensor x, Tensor gu, Tensor down, int hidden, int n) -> Tensor");
   m.def("attend_bf16(Tensor q, Tensor k, Tensor v, Tensor cut, Tensor keys, float scale) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(minipass_cpu, CPU, m) {
   m.impl("linear_bf16", linear_bf16);
   m.impl("attend_bf16", attend_bf16);
+  m.impl("mlp_bf16", mlp_bf16);
 }
 

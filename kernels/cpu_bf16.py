@@ -1,5 +1,6 @@
 """bf16 kernels for x86 CPUs with AVX512-BF16, for the few rows of a decoding step: a linear layer's y = x W^T
-(`linear`), and the softmax attention of the new tokens over a KV cache (`attend`).
+(`linear`), a SwiGLU MLP's three products in one call (`mlp`), and the softmax attention of the new tokens over a KV
+cache (`attend`).
 
 Why: decoding reads every weight once per step, so its products are matrix-vector (one row) or thin (a tree's 4 to
 64 rows). oneDNN, which runs torch's bf16 products on a CPU without AMX tiles, streams such products at well under
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -132,6 +134,8 @@ def available() -> bool:
                 torch.ops.load_library(str(build()))
                 torch.library.register_fake("minipass_cpu::linear_bf16")(
                     lambda x, w, n: x.new_empty(x.shape[0], n))
+                torch.library.register_fake("minipass_cpu::mlp_bf16")(
+                    lambda x, gu, down, hidden, n: x.new_empty(x.shape[0], n))
                 torch.library.register_fake("minipass_cpu::attend_bf16")(
                     lambda q, k, v, cut, keys, scale: torch.empty_like(q, memory_format=torch.contiguous_format))
                 _state["ok"] = True
@@ -195,6 +199,23 @@ def linears(x: Tensor, weights: list, biases: list) -> list:
     y = ops().linear_bf16(x.reshape(-1, x.shape[-1]), packed_weight(*weights), sum(sizes))
     parts = y.view(*x.shape[:-1], sum(sizes)).split(sizes, dim=-1)
     return [p if b is None else p + b for p, b in zip(parts, biases)]
+
+
+def mlp_fits(x: Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> bool:
+    """Whether mlp() takes this SwiGLU MLP: fits() for x and every weight, no biases, a hidden size that is a multiple
+    of 32."""
+    return (fits(x, gate.weight) and all(m.weight.dtype == torch.bfloat16 and m.bias is None for m in (gate, up, down))
+            and gate.weight.shape[0] % 32 == 0)
+
+
+def mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    """A SwiGLU MLP, down(silu(gate(x)) * up(x)), in one call of the kernel (see mlp_fits): the gate and up products
+    (one product on their weights stacked, as linears() does), then h = bf16(bf16(silu(g)) * u) where eager PyTorch
+    rounds, silu in fp32 with the kernel's own exp, then the down product. x (..., K) bf16; gate, up (H, K) and down
+    (N, H) bf16 weights, packed once (packed_weight). A row's output depends on that row alone."""
+    y = ops().mlp_bf16(x.reshape(-1, x.shape[-1]), packed_weight(gate, up), packed_weight(down), gate.shape[0],
+                       down.shape[0])
+    return y.view(*x.shape[:-1], down.shape[0])
 
 
 def attention_fits(q: Tensor, k: Tensor) -> bool:

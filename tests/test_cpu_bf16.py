@@ -178,3 +178,48 @@ def test_attend_refuses_what_it_cannot_read():
     assert not cpu_bf16.attention_fits(q48.transpose(1, 2), k48)  # the model keeps such heads on torch's attention
     with pytest.raises(RuntimeError, match="Hq a multiple of H_kv, D a multiple of 32"):
         cpu_bf16.attend(q48, k48, k48, cut, keys, 1.0)
+
+
+def swiglu_mlp(scale=1.0, seed=70, H=64):
+    return (bf16(5, 96, seed=seed, scale=scale), bf16(H, 96, seed=seed + 1, scale=0.3), bf16(H, 96, seed=seed + 2, scale=0.3),
+            bf16(40, H, seed=seed + 3, scale=0.3))
+
+
+@needs_kernel
+@pytest.mark.parametrize("scale", [1.0, 30.0])  # 30: gate values far out on both sides, where silu is 0 or g
+def test_mlp_is_the_products_with_swiglu_between(scale):
+    x, gate, up, down = swiglu_mlp(scale)
+    got = cpu_bf16.mlp(x, gate, up, down)
+    g, u = cpu_bf16.linears(x, [gate, up], [None, None])
+    h = (F.silu(g.float()).to(torch.bfloat16).float() * u.float()).to(torch.bfloat16)  # rounded where eager rounds
+    want = cpu_bf16.linear(h, down)
+    assert got.shape == (5, 40) and got.dtype == torch.bfloat16
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got.float(), want.float(), rtol=2 ** -6, atol=1e-2 * scale)
+    assert (got == want).float().mean() > 0.9  # the kernel's exp moves an odd silu by an ulp, no more
+
+
+@needs_kernel
+def test_mlp_gives_a_row_the_same_bits_in_any_call():
+    x, gate, up, down = swiglu_mlp()
+    together = cpu_bf16.mlp(x, gate, up, down)
+    for r in range(5):
+        assert torch.equal(cpu_bf16.mlp(x[r:r + 1], gate, up, down), together[r:r + 1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(cpu_bf16.mlp(x, gate, up, down), together)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_mlp_takes_only_what_it_can_run():
+    x, gate, up, down = swiglu_mlp(H=48)
+    lin = lambda w, bias=False: torch.nn.Linear(w.shape[1], w.shape[0], bias=bias, dtype=torch.bfloat16)  # noqa: E731
+    assert not cpu_bf16.mlp_fits(x, lin(gate), lin(up), lin(down))  # hidden size 48: not a multiple of 32
+    x, gate, up, down = swiglu_mlp()
+    assert cpu_bf16.mlp_fits(x, lin(gate), lin(up), lin(down))
+    assert not cpu_bf16.mlp_fits(x, lin(gate), lin(up), lin(down, bias=True))
+    with pytest.raises(RuntimeError, match=r"mlp_bf16 \(down\): packed weight of shape"):
+        torch.ops.minipass_cpu.mlp_bf16(x, pack(torch.cat([gate, up])), pack(down), 64, 80)
