@@ -449,6 +449,7 @@ def run_config(cfg: Config, model, prompts, args, stop_ids) -> tuple:
         total.row_calls += s.row_calls
         total.tokens += s.tokens
         total.wall_s += s.wall_s
+        total.prefill_s += s.prefill_s
         width = max(len(total.attempted), len(s.attempted))
         total.attempted = [sum(x[k] if k < len(x) else 0 for x in (total.attempted, s.attempted)) for k in range(width)]
         total.accepted = [sum(x[k] if k < len(x) else 0 for x in (total.accepted, s.accepted)) for k in range(width)]
@@ -488,6 +489,15 @@ def hf_decoder(ckpt, dtype, device, prompt_lookup: bool) -> Callable:
     return decode
 
 
+def ideal_speedup(run: tuple, ar_run: tuple) -> float:
+    """The speed-up over AR of one round (wall, DecodeStats, outputs) if each of its decoding calls took what an AR
+    call of the same round took, its prefill as measured: the most that cheaper calls can give at these tokens per
+    call. The prefill, the same work in every mode, is what keeps it below tokens per call."""
+    (_, s, _), (ar_wall, ar, _) = run, ar_run
+    per_call = (ar.wall_s - ar.prefill_s) / max(ar.calls, 1)
+    return (s.tokens / (s.prefill_s + s.calls * per_call)) / (ar.tokens / ar_wall) if per_call > 0 else 0.0
+
+
 def summarize(cfg: Config, ar: Config, gb: float, bound: float, cost_of: Callable, batch_size: int,
               n_prompts: int) -> dict:
     """The record of one configuration over its rounds."""
@@ -499,6 +509,8 @@ def summarize(cfg: Config, ar: Config, gb: float, bound: float, cost_of: Callabl
     if cfg is not ar:
         ar_tps = [s.tokens / w for w, s, _ in ar.rounds]
         speedups = [t / a if a else 0.0 for t, a in zip(tps, ar_tps)]
+    hf = cfg.mode.startswith("hf")
+    ideal = None if hf else statistics.median(ideal_speedup(r, a) for r, a in zip(cfg.rounds, ar.rounds))
     same, rows_same = None, None
     if greedy:
         # Row by row: a prompt counts as identical if every round gave autoregressive decoding's tokens.
@@ -507,7 +519,6 @@ def summarize(cfg: Config, ar: Config, gb: float, bound: float, cost_of: Callabl
         same = rows_same == 1.0
     wall = statistics.median(w for w, _, _ in cfg.rounds)
     per_call = wall / stats.calls if stats.calls else None
-    hf = cfg.mode.startswith("hf")
     return {
         "dataset": cfg.dataset, "mode": cfg.label or cfg.mode, "lookahead": cfg.L,
         "temperature": cfg.sampling.temperature, "top_k": cfg.sampling.top_k, "top_p": cfg.sampling.top_p,
@@ -522,6 +533,9 @@ def summarize(cfg: Config, ar: Config, gb: float, bound: float, cost_of: Callabl
         "weights_gb_per_s": None if hf or not wall else round(gb * stats.calls / wall, 3),
         "share_of_bound": round(median / bound, 4) if bound and cfg.mode == "ar" else None,
         "speedup_vs_ar": round(statistics.median(speedups), 4), "speedup_rounds": [round(x, 4) for x in speedups],
+        "speedup_at_ar_call_cost": None if ideal is None else round(ideal, 4),
+        "prefill_share": None if hf else round(statistics.median(s.prefill_s / w if w else 0.0
+                                                                  for w, s, _ in cfg.rounds), 4),
         "identical_to_ar": same, "identical_rows": rows_same, "width": cfg.width, "sizes": cfg.sizes, "warmup_s": round(cfg.warmup_s, 2),
         "model_cost_vs_ar": None if hf else round(cost_of(cfg.width), 4),
         "other_load_rounds": [None if x is None else round(x, 2) for x in cfg.others],
@@ -540,7 +554,7 @@ def sampling_label(sampling: SamplingParams) -> str:
 
 def print_table(runs: list) -> None:
     head = (f"{'dataset':<10} {'setting':<12} {'mode':<9} {'L':>2} {'tok/s':>7} {'spread':>6} {'speedup':>7} "
-            f"{'tok/call':>8} {'call/ar':>7} {'GB/s':>6} {'same':>4}  acceptance by position")
+            f"{'tok/call':>8} {'call/ar':>7} {'ideal':>6} {'GB/s':>6} {'same':>4}  acceptance by position")
     print(head)
     print("-" * len(head))
     for r in runs:
@@ -550,6 +564,7 @@ def print_table(runs: list) -> None:
         print(f"{r['dataset']:<10} {setting_label(r):<12} {r['mode']:<9} {r['lookahead']:>2} "
               f"{r['tokens_per_s']:>7.1f} {100 * (r['spread'] or 0):>5.0f}% {r['speedup_vs_ar']:>6.2f}x "
               f"{(r['tokens_per_call'] or 0):>8.2f} {(f'{cost:.2f}x' if cost else '-'):>7} "
+              f"{(f'{ideal:.2f}x' if (ideal := r.get('speedup_at_ar_call_cost')) else '-'):>6} "
               f"{(r['weights_gb_per_s'] or 0):>6.1f} {same:>4}  {acc}")
 
 
@@ -559,6 +574,8 @@ spread    (max - min) / median of tok/s over the rounds; above 15% the row is fl
 speedup   the median over the rounds of tok/s / the autoregressive tok/s of the same round and setting
 tok/call  tokens emitted per forward call and batch row (1 for ar; pass counts its drafting and validation calls)
 call/ar   wall time per forward call (verification and tree building included) / that of ar: speedup = tok/call / call/ar
+ideal     the speed-up if each of the mode's calls took what an ar call takes, the prefill (the same work in every mode,
+          in every tok/s) as measured: the most that cheaper calls can reach with these tokens per call
 GB/s      weight bytes read per second: calls x weight size / wall time
 same      greedy only: yes if the output is token-identical to autoregressive decoding, else the share of prompts
           that are (in bf16 the CPU's matrix products round differently at other call widths: see the README)
@@ -824,6 +841,9 @@ def bench(args: argparse.Namespace) -> None:
           f"GB/s, {resident_bound:.1f} tokens/s; ar reaches "
           + ", ".join(f"{100 * r['tokens_per_s'] / resident_bound:.0f}%" for r in ar_runs)
           + resident_note(bandwidth, resident, nbytes, llc))
+    print("prefill: the prompts' forward, the same work in every mode and inside every tok/s, took "
+          + ", ".join(f"{100 * r['prefill_share']:.0f}%" for r in ar_runs) + " of ar's wall time (the column ideal "
+          "prices every other call at ar's)")
     print(f"cost curve (one forward of T new tokens per row at {context} cached tokens in a {curve_cache}-slot cache, "
           f"{'compiled' if compile_ else 'eager'}, {CURVE_ROUNDS} interleaved rounds of blocks of calls, median ratio "
           "to T=1): " +

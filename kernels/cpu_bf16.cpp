@@ -13,6 +13,7 @@
 // calls stream the weights at about the read rate of the memory; from 8 rows on the dot-product units are the limit.
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -326,16 +327,70 @@ at::Tensor attend_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return out;
 }
 
+// The k largest values of each row of x (R, V), fp32 or bf16, in descending order, with their indices; of equal
+// values the one of lower index comes first (and is the one kept at the k-th place): torch.sort(descending=True,
+// stable=True)[:k]. One pass per row, 16 values at a time: a value enters the sorted list of k only if it is above
+// the k-th (NaN never does; a row with fewer than k other values pads the list with NaN at index 0). torch.topk on a
+// CPU selects with a partial sort of the row: 85 us for 8 of 49152 fp32 logits, against 7 here (422 for a row that
+// rises all along, where every value enters the list).
+std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && k >= 1 && k <= x.size(1),
+              "topk_rows: x must be a 2-D fp32 or bf16 CPU tensor with at least k values per row, got ", x.sizes(),
+              " ", x.scalar_type(), " and k = ", k);
+  const at::Tensor xc = x.contiguous();
+  const int64_t R = xc.size(0), V = xc.size(1);
+  const bool bf16 = xc.scalar_type() == at::kBFloat16;
+  at::Tensor values = at::empty({R, k}, xc.options().dtype(at::kFloat));
+  at::Tensor indices = at::empty({R, k}, xc.options().dtype(at::kLong));
+  const uint16_t* xh = (const uint16_t*)xc.data_ptr();
+  const float* xf = (const float*)xc.data_ptr();
+  float* vp = values.data_ptr<float>();
+  int64_t* ip = indices.data_ptr<int64_t>();
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* bv = vp + r * k;
+      int64_t* bi = ip + r * k;
+      int64_t n = 0;  // entries so far
+      __m512 kth = _mm512_set1_ps(-INFINITY);
+      for (int64_t i0 = 0; i0 < V; i0 += 16) {
+        const __mmask16 in = live(V - i0);
+        const __m512 v = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, xh + r * V + i0)), 16))
+                              : _mm512_maskz_loadu_ps(in, xf + r * V + i0);
+        // not yet k: every value that is not NaN; then only those above the k-th
+        __mmask16 m = n < k ? _mm512_mask_cmp_ps_mask(in, v, v, _CMP_ORD_Q) : _mm512_mask_cmp_ps_mask(in, v, kth, _CMP_GT_OQ);
+        if (!m) continue;
+        alignas(64) float lane[16];
+        _mm512_store_ps(lane, v);
+        for (; m; m &= m - 1) {
+          const int j = __builtin_ctz(m);
+          const float val = lane[j];
+          if (n == k && !(val > bv[k - 1])) continue;  // an earlier lane of this block raised the k-th
+          int64_t p = n < k ? n++ : k - 1;  // full: the last entry drops out
+          for (; p > 0 && bv[p - 1] < val; --p) bv[p] = bv[p - 1], bi[p] = bi[p - 1];
+          bv[p] = val, bi[p] = i0 + j;
+        }
+        if (n == k) kth = _mm512_set1_ps(bv[k - 1]);
+      }
+      for (; n < k; ++n) bv[n] = NAN, bi[n] = 0;
+    }
+  });
+  return {bf16 ? values.to(at::kBFloat16) : values, indices};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(minipass_cpu, m) {
   m.def("linear_bf16(Tensor x, Tensor w, int n) -> Tensor");
   m.def("mlp_bf16(Tensor x, Tensor gu, Tensor down, int hidden, int n) -> Tensor");
   m.def("attend_bf16(Tensor q, Tensor k, Tensor v, Tensor cut, Tensor keys, float scale) -> Tensor");
+  m.def("topk_rows(Tensor x, int k) -> (Tensor, Tensor)");
 }
 TORCH_LIBRARY_IMPL(minipass_cpu, CPU, m) {
   m.impl("linear_bf16", linear_bf16);
   m.impl("attend_bf16", attend_bf16);
   m.impl("mlp_bf16", mlp_bf16);
+  m.impl("topk_rows", topk_rows);
 }
 

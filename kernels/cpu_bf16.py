@@ -1,6 +1,6 @@
 """bf16 kernels for x86 CPUs with AVX512-BF16, for the few rows of a decoding step: a linear layer's y = x W^T
 (`linear`), a SwiGLU MLP's three products in one call (`mlp`), and the softmax attention of the new tokens over a KV
-cache (`attend`).
+cache (`attend`); and the top-k of a few rows of logits (`topk`), which needs AVX512 only.
 
 Why: decoding reads every weight once per step, so its products are matrix-vector (one row) or thin (a tree's 4 to
 64 rows). oneDNN, which runs torch's bf16 products on a CPU without AMX tiles, streams such products at well under
@@ -138,6 +138,8 @@ def available() -> bool:
                     lambda x, gu, down, hidden, n: x.new_empty(x.shape[0], n))
                 torch.library.register_fake("minipass_cpu::attend_bf16")(
                     lambda q, k, v, cut, keys, scale: torch.empty_like(q, memory_format=torch.contiguous_format))
+                torch.library.register_fake("minipass_cpu::topk_rows")(
+                    lambda x, k: (x.new_empty(x.shape[0], k), x.new_empty(x.shape[0], k, dtype=torch.long)))
                 _state["ok"] = True
             except (OSError, RuntimeError) as e:
                 _state["why"] = f"the kernel could not be built or loaded: {e}"
@@ -231,6 +233,20 @@ def attend(q: Tensor, k: Tensor, v: Tensor, cut: Tensor, keys: Tensor, scale: fl
     key); its scores are q . k * scale. Returns (B, T, Hq, D) bf16. Each output row is summed in a fixed order of its
     own slots (attend_bf16 in cpu_bf16.cpp): the same bits in a call of any width, with any other tokens."""
     return ops().attend_bf16(q, k, v, cut, keys, float(scale))
+
+
+def topk_fits(x: Tensor, k: int) -> bool:
+    """Whether topk() takes this tensor: fp32 or bf16 on a CPU where the kernels run (AVX512; with AMX too)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() >= 1
+            and 1 <= k <= x.shape[-1] and available())
+
+
+def topk(x: Tensor, k: int) -> tuple:
+    """(values, indices) of the k largest entries along the last dim, descending (see topk_fits): what
+    torch.sort(x, descending=True, stable=True) gives in its first k places, equal values in order of index. NaN is
+    never taken (torch.topk takes it first): a row with NaN has non-finite logits, which the decoders flag."""
+    values, indices = ops().topk_rows(x.reshape(-1, x.shape[-1]), k)
+    return values.view(*x.shape[:-1], k), indices.view(*x.shape[:-1], k)
 
 
 def attend_reference(q: Tensor, k: Tensor, v: Tensor, cut: Tensor, keys: Tensor, scale: float) -> Tensor:

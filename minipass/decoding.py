@@ -63,6 +63,7 @@ class DecodeStats:
     accepted: list = field(default_factory=list)  # per draft position: drafts accepted
     attempted: list = field(default_factory=list)  # per draft position: drafts verified
     wall_s: float = 0.0  # the whole call: prefill, decoding, compilation of the step if it happened in this call
+    prefill_s: float = 0.0  # the part of wall_s before the first step: the cache's set-up and the prompts' prefill
 
     @property
     def tokens_per_call(self) -> float:
@@ -413,6 +414,7 @@ def run(model: Transformer, step: Callable, st: State, on_tokens: Optional[Calla
     """
     device = st["seqlens"].device
     check_every = check_every or check_every_default(device)
+    prefill_s = clock(st["seqlens"]) - t0 if t0 is not None else 0.0
     steps = 0
     while True:
         with steady_guards() if steps >= 2 else contextlib.nullcontext():
@@ -426,7 +428,7 @@ def run(model: Transformer, step: Callable, st: State, on_tokens: Optional[Calla
             raise_non_finite(st)
         if done:
             break
-    return result(st, t0)
+    return result(st, t0, prefill_s)
 
 
 def raise_non_finite(st: State) -> None:
@@ -437,22 +439,23 @@ def raise_non_finite(st: State) -> None:
                         "overflowed the dtype (try --dtype fp32)")
 
 
-def result(st: State, t0: Optional[float] = None) -> Output:
+def result(st: State, t0: Optional[float] = None, prefill_s: float = 0.0) -> Output:
     device = st["seqlens"].device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     n_out = st["n_out"].tolist()
     stats = DecodeStats(calls=int(st["calls"]), row_calls=int(st["row_calls"].sum()), tokens=sum(n_out),
                         attempted=st["attempted"].tolist(), accepted=st["accepted"].tolist(),
-                        wall_s=time.perf_counter() - t0 if t0 is not None else 0.0)
+                        wall_s=time.perf_counter() - t0 if t0 is not None else 0.0, prefill_s=prefill_s)
     out = st["out"].tolist()
     return Output(tokens=[row[:n] for row, n in zip(out, n_out)], stats=stats)
 
 
-def clock(model: Transformer) -> float:
-    """Start of a decode call's wall time (after the device has finished earlier work)."""
-    if model.embed_tokens.weight.is_cuda:
-        torch.cuda.synchronize(model.embed_tokens.weight.device)
+def clock(on) -> float:
+    """Now, once the device that holds `on` (a model, or a tensor) has finished the work queued before."""
+    t = on.embed_tokens.weight if isinstance(on, Transformer) else on
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
     return time.perf_counter()
 
 

@@ -41,7 +41,8 @@ def _add(x: list, y: list) -> list:
 def merge(a: DecodeStats, b: DecodeStats) -> DecodeStats:
     """Statistics of two runs over different prompts, as if they had been one."""
     return DecodeStats(a.calls + b.calls, a.row_calls + b.row_calls, a.tokens + b.tokens,
-                       _add(a.accepted, b.accepted), _add(a.attempted, b.attempted), a.wall_s + b.wall_s)
+                       _add(a.accepted, b.accepted), _add(a.attempted, b.attempted), a.wall_s + b.wall_s,
+                       a.prefill_s + b.prefill_s)
 
 
 def acceptance(model, prompts: Sequence[Sequence[int]], lookahead, max_new_tokens: int,

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from minipass.errors import MinipassError
+from minipass.kernels import cpu_bf16
 
 # Streams: one per purpose, so the uniforms of different decisions about the same position are independent.
 SAMPLE, DRAFT, ACCEPT, RESIDUAL = 0, 1, 2, 3
@@ -67,6 +68,16 @@ def argmax(logits: Tensor) -> tuple[Tensor, Tensor]:
     return top, index.long()
 
 
+def topk(x: Tensor, k: int) -> tuple:
+    """(values, indices) of the k largest entries along the last dim, descending. On a CPU with AVX512, minipass's
+    kernel (kernels/cpu_bf16.topk: one pass over the row, ~25x faster than torch.topk at 8 of 49152 logits), which
+    orders equal values by index; elsewhere torch.topk. Callers depend on neither tie order."""
+    if cpu_bf16.topk_fits(x, k):
+        return cpu_bf16.topk(x, k)
+    top = x.topk(k, dim=-1)
+    return top.values, top.indices
+
+
 def logits_to_probs(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """The target distribution p over the last dim, float32, after temperature, then top-k, then top-p.
 
@@ -80,7 +91,7 @@ def logits_to_probs(logits: Tensor, temperature: float, top_k: int = 0, top_p: f
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        kth = topk(logits, top_k)[0][..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FIELDS = {"dataset", "mode", "lookahead", "temperature", "top_k", "top_p", "batch_size", "prompts", "new_tokens",
           "wall_s", "tokens_per_s", "calls", "tokens_per_call", "acceptance_by_position", "speedup_vs_ar",
           "identical_to_ar", "tokens_per_s_rounds", "speedup_rounds", "spread", "time_per_call_ms", "width",
-          "warmup_s", "model_cost_vs_ar", "identical_rows", "other_load_rounds"}
+          "warmup_s", "model_cost_vs_ar", "identical_rows", "other_load_rounds", "speedup_at_ar_call_cost",
+          "prefill_share"}
 TOP = {"model", "device", "dtype", "runs", "rounds", "load_average_start", "load_average_end", "bandwidth_gb_per_s",
        "weights_gb", "bound_tokens_per_s", "resident_gb_per_s", "resident_bound_tokens_per_s", "cost_curve", "sizing",
        "compiled", "round_log", "profile"}
@@ -94,10 +95,30 @@ def test_json_has_every_field_and_greedy_matches_ar(bench, setup, tmp_path, caps
             assert r["identical_to_ar"] is None and r["identical_rows"] is None
         if r["mode"] == "ar":
             assert r["lookahead"] == 0 and r["speedup_vs_ar"] == 1.0 and r["tokens_per_call"] == 1.0
+            assert r["speedup_at_ar_call_cost"] == pytest.approx(1.0, abs=1e-3)
+        assert 0 < r["prefill_share"] < 1
+        # at AR's cost per call, a mode goes no faster than its tokens per call allow (within what the two runs'
+        # prefill times differ by, and with batch 2, a call emitting for fewer rows once one is done)
+        assert 0 < r["speedup_at_ar_call_cost"] <= r["tokens_per_call"] * 1.15
     out = capsys.readouterr().out
     assert "tok/s" in out and "ceiling: memory read bandwidth" in out and "cost curve" in out  # table and figures
     assert "read over and over" in out  # the ceiling with the weights read again and again
-    assert "spread " in out and "call/ar " in out  # the legend
+    assert "spread " in out and "call/ar " in out and "ideal " in out  # the legend
+
+
+def test_ideal_speedup_prices_every_call_at_ars(bench):
+    from minipass.decoding import DecodeStats
+
+    # AR: 0.2 s of prefill, then 80 calls in 0.8 s (10 ms each); a mode with the same prefill and 40 calls for the
+    # same 80 tokens would take 0.2 + 40 * 0.01 = 0.6 s at that cost: 1.0 / 0.6 of AR's rate, whatever it took.
+    ar = DecodeStats(calls=80, row_calls=80, tokens=80, wall_s=1.0, prefill_s=0.2)
+    tree = DecodeStats(calls=40, row_calls=40, tokens=80, wall_s=0.9, prefill_s=0.2)
+    assert bench.ideal_speedup((0.9, tree, None), (1.0, ar, None)) == pytest.approx(1 / 0.6)
+    assert bench.ideal_speedup((1.0, ar, None), (1.0, ar, None)) == pytest.approx(1.0)
+    # without a prefill the bound is the tokens per call itself
+    ar0 = DecodeStats(calls=80, row_calls=80, tokens=80, wall_s=0.8, prefill_s=0.0)
+    tree0 = DecodeStats(calls=40, row_calls=40, tokens=80, wall_s=0.7, prefill_s=0.0)
+    assert bench.ideal_speedup((0.7, tree0, None), (0.8, ar0, None)) == pytest.approx(2.0)
 
 
 def test_the_sizing_reads_the_cost_curve_non_decreasing(bench):

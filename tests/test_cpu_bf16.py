@@ -223,3 +223,52 @@ def test_mlp_takes_only_what_it_can_run():
     assert not cpu_bf16.mlp_fits(x, lin(gate), lin(up), lin(down, bias=True))
     with pytest.raises(RuntimeError, match=r"mlp_bf16 \(down\): packed weight of shape"):
         torch.ops.minipass_cpu.mlp_bf16(x, pack(torch.cat([gate, up])), pack(down), 64, 80)
+
+
+def stable_topk(x, k):
+    ref = torch.sort(x, dim=-1, descending=True, stable=True)
+    return ref.values[..., :k], ref.indices[..., :k]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, k", [((1, 49152), 8), ((2, 3, 1000), 10), ((5, 17), 17), ((1, 40), 1)])
+def test_topk_is_the_first_k_of_a_stable_descending_sort(dtype, shape, k):
+    """Values and indices as torch.sort(descending=True, stable=True) gives them first: equal values (bf16 has many)
+    in order of index, and the k-th place to the lowest index among equal values; row lengths off the 16-lane
+    blocks; the leading dims kept. The values are torch.topk's."""
+    x = torch.randn(*shape).to(dtype)
+    values, indices = cpu_bf16.topk(x, k)
+    ref_values, ref_indices = stable_topk(x, k)
+    assert values.dtype == dtype and indices.dtype == torch.long and values.shape == (*shape[:-1], k)
+    assert torch.equal(values, ref_values) and torch.equal(indices, ref_indices)
+    assert torch.equal(values, x.topk(k, dim=-1).values)
+
+
+@needs_kernel
+def test_topk_rows_with_ties_and_masked_values():
+    """Rows of few distinct values (ties everywhere, at the k-th place too), rows masked to -inf but for a few values
+    (top-k sampling's output: fewer finite values than k), an ascending row (every value enters the list)."""
+    g = torch.Generator().manual_seed(1)
+    ties = torch.randint(0, 4, (3, 300), generator=g).float()
+    masked = torch.full((2, 100), float("-inf"))
+    masked[0, [7, 50, 3]] = torch.tensor([1.0, 2.0, 1.0])
+    masked[1, 99] = 0.5
+    ascending = torch.arange(500, dtype=torch.float32)[None]
+    for x, k in [(ties, 8), (ties.bfloat16(), 40), (masked, 5), (ascending, 7)]:
+        values, indices = cpu_bf16.topk(x, k)
+        ref_values, ref_indices = stable_topk(x, k)
+        assert torch.equal(values, ref_values) and torch.equal(indices, ref_indices), x
+
+
+@needs_kernel
+def test_topk_skips_nan_and_refuses_what_it_cannot_read():
+    x = torch.tensor([[1.0, float("nan"), 3.0, 2.0]])
+    values, indices = cpu_bf16.topk(x, 2)
+    assert values.tolist() == [[3.0, 2.0]] and indices.tolist() == [[2, 3]]
+    values, indices = cpu_bf16.topk(x, 4)  # only 3 values that are not NaN: the 4th place is NaN, index 0
+    assert values[0, :3].tolist() == [3.0, 2.0, 1.0] and values[0, 3].isnan() and indices[0, 3] == 0
+    for bad, k, what in [(x, 5, "at least k values"), (x, 0, "k = 0"), (x.long(), 1, "fp32 or bf16")]:
+        with pytest.raises(RuntimeError, match=what):
+            cpu_bf16.ops().topk_rows(bad, k)
+    assert not cpu_bf16.topk_fits(x.double(), 1) and not cpu_bf16.topk_fits(x, 5) and cpu_bf16.topk_fits(x, 4)
