@@ -1,5 +1,6 @@
 // bf16 kernels for the few rows of a decoding step on x86 CPUs with AVX512-BF16 (built by cpu_bf16.py on first
-// use): a linear layer's y = x W^T, a SwiGLU MLP, and the softmax attention of the new tokens over a KV cache.
+// use): a linear layer's y = x W^T, a SwiGLU MLP, the softmax attention of the new tokens over a KV cache, and the
+// top-k of a few rows of logits (AVX512F only).
 //
 // linear_bf16: x (M, K) bf16, rows contiguous; W (N, K) packed as (ceil(N / 32), K / 2, 32, 2): tile t holds outputs
 // 32 t .. 32 t + 31, and for each pair of inputs (2p, 2p + 1) their 32 weights side by side, input-pair-major, so a
