@@ -444,15 +444,7 @@ def run_config(cfg: Config, model, prompts, args, stop_ids) -> tuple:
         seeds = [args.seed + i + j for j in range(len(batch))]
         out = cfg.decode(model, batch, args.max_new_tokens, cfg.sampling, seeds=seeds, stop_ids=stop_ids)
         outputs += out.tokens
-        s = out.stats
-        total.calls += s.calls
-        total.row_calls += s.row_calls
-        total.tokens += s.tokens
-        total.wall_s += s.wall_s
-        total.prefill_s += s.prefill_s
-        width = max(len(total.attempted), len(s.attempted))
-        total.attempted = [sum(x[k] if k < len(x) else 0 for x in (total.attempted, s.attempted)) for k in range(width)]
-        total.accepted = [sum(x[k] if k < len(x) else 0 for x in (total.accepted, s.accepted)) for k in range(width)]
+        total = total + out.stats
     return outputs, total
 
 

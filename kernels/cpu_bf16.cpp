@@ -109,9 +109,9 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
-// fp32 <-> bf16 for 16 values: widen exactly; round to nearest even.
-inline __m512 widen(const at::BFloat16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+// fp32 <-> bf16 for 16 values: widen exactly (the lanes of `in`, zeros elsewhere); round to nearest even.
+inline __m512 widen(const void* p, __mmask16 in = 0xFFFF) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, p)), 16));
 }
 inline __m512 round_bf16(__m512 x) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
@@ -356,9 +356,7 @@ std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& x, int64_t k) {
       __m512 kth = _mm512_set1_ps(-INFINITY);
       for (int64_t i0 = 0; i0 < V; i0 += 16) {
         const __mmask16 in = live(V - i0);
-        const __m512 v = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, xh + r * V + i0)), 16))
-                              : _mm512_maskz_loadu_ps(in, xf + r * V + i0);
+        const __m512 v = bf16 ? widen(xh + r * V + i0, in) : _mm512_maskz_loadu_ps(in, xf + r * V + i0);
         // not yet k: every value that is not NaN; then only those above the k-th
         __mmask16 m = n < k ? _mm512_mask_cmp_ps_mask(in, v, v, _CMP_ORD_Q) : _mm512_mask_cmp_ps_mask(in, v, kth, _CMP_GT_OQ);
         if (!m) continue;

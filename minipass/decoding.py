@@ -78,6 +78,14 @@ class DecodeStats:
         """E[j]: mean accepted drafts per verification (the verifications are the first-position attempts)."""
         return sum(self.accepted) / self.attempted[0] if self.attempted and self.attempted[0] else 0.0
 
+    def __add__(self, other: "DecodeStats") -> "DecodeStats":
+        """The statistics of two decodes over different prompts, as if they had been one."""
+        add = lambda x, y: [(x[i] if i < len(x) else 0) + (y[i] if i < len(y) else 0)  # noqa: E731
+                            for i in range(max(len(x), len(y)))]
+        return DecodeStats(self.calls + other.calls, self.row_calls + other.row_calls, self.tokens + other.tokens,
+                           add(self.accepted, other.accepted), add(self.attempted, other.attempted),
+                           self.wall_s + other.wall_s, self.prefill_s + other.prefill_s)
+
 
 @dataclass
 class Output:

@@ -34,17 +34,6 @@ def eval_prompts(tok, dataset: str, num: int) -> list[list[int]]:
     raise MinipassError(f"unknown dataset {dataset!r}; use humaneval or sharegpt")
 
 
-def _add(x: list, y: list) -> list:
-    return [(x[i] if i < len(x) else 0) + (y[i] if i < len(y) else 0) for i in range(max(len(x), len(y)))]
-
-
-def merge(a: DecodeStats, b: DecodeStats) -> DecodeStats:
-    """Statistics of two runs over different prompts, as if they had been one."""
-    return DecodeStats(a.calls + b.calls, a.row_calls + b.row_calls, a.tokens + b.tokens,
-                       _add(a.accepted, b.accepted), _add(a.attempted, b.attempted), a.wall_s + b.wall_s,
-                       a.prefill_s + b.prefill_s)
-
-
 def acceptance(model, prompts: Sequence[Sequence[int]], lookahead, max_new_tokens: int,
                sampling: SamplingParams = SamplingParams(), modes: Sequence[str] = ("pass", "pass1"),
                stop_ids: Sequence[int] = (), batch_size: int = 16, seed: int = 0) -> dict:
@@ -57,7 +46,7 @@ def acceptance(model, prompts: Sequence[Sequence[int]], lookahead, max_new_token
             seeds = [seed + i + j for j in range(len(batch))]
             res = MODES[mode](model, batch, max_new_tokens, sampling, seeds=seeds, stop_ids=stop_ids,
                               lookahead=lookahead)
-            stats = merge(stats, res.stats)
+            stats = stats + res.stats
         out[mode] = stats
     return out
 

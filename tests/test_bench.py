@@ -96,10 +96,9 @@ def test_json_has_every_field_and_greedy_matches_ar(bench, setup, tmp_path, caps
         if r["mode"] == "ar":
             assert r["lookahead"] == 0 and r["speedup_vs_ar"] == 1.0 and r["tokens_per_call"] == 1.0
             assert r["speedup_at_ar_call_cost"] == pytest.approx(1.0, abs=1e-3)
-        assert 0 < r["prefill_share"] < 1
-        # at AR's cost per call, a mode goes no faster than its tokens per call allow (within what the two runs'
-        # prefill times differ by, and with batch 2, a call emitting for fewer rows once one is done)
-        assert 0 < r["speedup_at_ar_call_cost"] <= r["tokens_per_call"] * 1.15
+        # (ideal_speedup's arithmetic is checked on fixed statistics below: here the rounds' times are whatever the
+        # machine gave, and with batch 2 a call's tokens per row and per call part once a row is done)
+        assert 0 < r["prefill_share"] < 1 and r["speedup_at_ar_call_cost"] > 0
     out = capsys.readouterr().out
     assert "tok/s" in out and "ceiling: memory read bandwidth" in out and "cost curve" in out  # table and figures
     assert "read over and over" in out  # the ceiling with the weights read again and again

@@ -391,3 +391,12 @@ def test_prefill_time_is_what_comes_before_the_first_step(tiny, mode, monkeypatc
     assert 0 < plain.prefill_s < plain.wall_s and 0 < slow.prefill_s < slow.wall_s
     assert slow.prefill_s - plain.prefill_s >= 0.3
     assert abs((slow.wall_s - slow.prefill_s) - (plain.wall_s - plain.prefill_s)) < 0.15
+
+
+def test_decode_stats_add_as_one_decode():
+    a = dec.DecodeStats(calls=3, row_calls=5, tokens=9, accepted=[2, 1], attempted=[3, 2], wall_s=1.0, prefill_s=0.25)
+    b = dec.DecodeStats(calls=1, row_calls=1, tokens=2, accepted=[1], attempted=[1], wall_s=0.5, prefill_s=0.125)
+    s = a + b
+    assert (s.calls, s.row_calls, s.tokens, s.wall_s, s.prefill_s) == (4, 6, 11, 1.5, 0.375)
+    assert s.accepted == [3, 1] and s.attempted == [4, 2]  # per position, the shorter list read as zeros past its end
+    assert (dec.DecodeStats() + a) == a
