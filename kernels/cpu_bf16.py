@@ -167,10 +167,18 @@ def preferred() -> bool:
     return available() and (forced or "amx_bf16" not in cpu_flags())
 
 
+def no_gradient(*tensors: Tensor) -> bool:
+    """Whether no gradient is wanted through these inputs. The operators have no backward: where autograd records
+    (training the look-ahead through the frozen model), the computation stays on torch's differentiable operations."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def fits(x: Tensor, weight: Tensor) -> bool:
-    """Whether linear() takes this product: bf16 on the CPU, at most MAX_ROWS rows, an even number of inputs."""
+    """Whether linear() takes this product: bf16 on the CPU, at most MAX_ROWS rows, an even number of inputs, no
+    gradient wanted."""
     return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and x.shape[:-1].numel() <= MAX_ROWS and x.shape[-1] % 2 == 0 and preferred())
+            and x.shape[:-1].numel() <= MAX_ROWS and x.shape[-1] % 2 == 0 and no_gradient(x, weight)
+            and preferred())
 
 
 def packed_weight(*weights: Tensor) -> Tensor:
@@ -207,6 +215,7 @@ def mlp_fits(x: Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> bool
     """Whether mlp() takes this SwiGLU MLP: fits() for x and every weight, no biases, a hidden size that is a multiple
     of 32."""
     return (fits(x, gate.weight) and all(m.weight.dtype == torch.bfloat16 and m.bias is None for m in (gate, up, down))
+            and no_gradient(up.weight, down.weight)
             and gate.weight.shape[0] % 32 == 0)
 
 
@@ -221,9 +230,10 @@ def mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
 
 
 def attention_fits(q: Tensor, k: Tensor) -> bool:
-    """Whether attend() takes attention over this cache: bf16 on the CPU, D a multiple of 32 up to 256."""
+    """Whether attend() takes attention over this cache: bf16 on the CPU, D a multiple of 32 up to 256, no gradient
+    wanted."""
     return (q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16 and q.device.type == "cpu"
-            and q.shape[-1] % 32 == 0 and q.shape[-1] <= 256 and preferred())
+            and q.shape[-1] % 32 == 0 and q.shape[-1] <= 256 and no_gradient(q, k) and preferred())
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, cut: Tensor, keys: Tensor, scale: float) -> Tensor:
@@ -236,9 +246,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, cut: Tensor, keys: Tensor, scale: fl
 
 
 def topk_fits(x: Tensor, k: int) -> bool:
-    """Whether topk() takes this tensor: fp32 or bf16 on a CPU where the kernels run (AVX512; with AMX too)."""
+    """Whether topk() takes this tensor: fp32 or bf16 on a CPU where the kernels run (AVX512; with AMX too), no
+    gradient wanted."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() >= 1
-            and 1 <= k <= x.shape[-1] and available())
+            and 1 <= k <= x.shape[-1] and no_gradient(x) and available())
 
 
 def topk(x: Tensor, k: int) -> tuple:

@@ -107,9 +107,10 @@ def save_lookahead(path: Union[str, Path], emb: Tensor, model: Transformer, base
     tmp.replace(path)
 
 
-def load_lookahead(path: Union[str, Path], model: Transformer, L: Optional[int] = None) -> Tensor:
+def load_lookahead(path: Union[str, Path], model: Transformer, L: Optional[int] = None,
+                   dtype: Optional[torch.dtype] = None) -> Tensor:
     """The first L look-aheads of `path`, (L, dim) or with per-layer additions (n_layers, L, dim), on the model's
-    device and dtype, checked against the model."""
+    device, in `dtype` (default the model's), checked against the model."""
     path = Path(path)
     if not path.is_file():
         raise MinipassError(f"look-ahead file {path} does not exist")
@@ -141,4 +142,4 @@ def load_lookahead(path: Union[str, Path], model: Transformer, L: Optional[int] 
     if layers is not None:
         emb = torch.cat([emb[None], layers])  # (n_layers, L_file, dim)
     weight = model.embed_tokens.weight
-    return emb[..., :L, :].to(device=weight.device, dtype=weight.dtype)
+    return emb[..., :L, :].to(device=weight.device, dtype=dtype or weight.dtype)

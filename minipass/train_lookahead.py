@@ -348,7 +348,7 @@ def fmt_acc(acc) -> str:
 def train(args) -> Tensor:
     """Run the training the options describe; returns the trained look-ahead, (L, dim) or (n_layers, L, dim), fp32."""
     from minipass.loading import load_checkpoint
-    from minipass.lookahead import fingerprint, init_lookahead, save_lookahead
+    from minipass.lookahead import fingerprint, init_lookahead, load_lookahead, save_lookahead
 
     t_start = time.perf_counter()
     L, n, S = args.lookahead, args.seq_len, args.stride
@@ -368,9 +368,16 @@ def train(args) -> Tensor:
         raise MinipassError(f"--seq-len {n} exceeds the model's context of {model.args.max_seq_len} tokens")
     device, base = model.embed_tokens.weight.device, fingerprint(model)
 
+    if args.init in ("mean", "random"):  # (L, dim) or (n_layers, L, dim)
+        emb = init_lookahead(model, L, args.init, args.seed, per_layer=args.per_layer)
+    else:  # a trained file, to go on training from
+        emb = load_lookahead(args.init, model, L, dtype=torch.float32)
+        if (emb.dim() == 3) != args.per_layer:
+            has = "has" if emb.dim() == 3 else "has no"
+            raise MinipassError(f"--init {args.init} {has} per-layer additions; give --per-layer "
+                                f"{'too' if emb.dim() == 3 else 'only with such a file'}")
     data = load_data(args.data, tok, n, args.steps * args.batch_size, args.val_sequences, args.seed)
     print(f"data: {data.summary}; {data.val.shape[0]} validation sequences of {n} tokens", file=sys.stderr)
-    emb = init_lookahead(model, L, args.init, args.seed, per_layer=args.per_layer)  # (L, dim) or (n_layers, L, dim)
     emb = torch.nn.Parameter(emb.float().to(device))
     opt = torch.optim.Adam([emb], lr=args.lr)
     start, elapsed = 0, 0.0
@@ -435,8 +442,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="ce: against the data's token (default); kl: against the model's own distribution")
     parser.add_argument("--position-decay", type=float, default=1.0,
                         help="weight position k's loss by DECAY^(k-1): < 1 favours the early drafts (default 1)")
-    parser.add_argument("--init", default="mean", choices=["mean", "random"],
-                        help="initial embeddings: the mean token embedding (default) or random")
+    parser.add_argument("--init", default="mean",
+                        help="initial embeddings: mean (the mean token embedding, default), random, or a look-ahead "
+                             ".safetensors file to go on training (its first L; its per-layer additions need "
+                             "--per-layer)")
     parser.add_argument("--per-layer", action="store_true",
                         help="also learn, per look-ahead token, an addition to the residual stream before every later "
                              "layer (n_layers x L x dim parameters instead of L x dim)")

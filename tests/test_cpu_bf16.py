@@ -216,7 +216,8 @@ def test_mlp_gives_a_row_the_same_bits_in_any_call():
 @needs_kernel
 def test_mlp_takes_only_what_it_can_run():
     x, gate, up, down = swiglu_mlp(H=48)
-    lin = lambda w, bias=False: torch.nn.Linear(w.shape[1], w.shape[0], bias=bias, dtype=torch.bfloat16)  # noqa: E731
+    lin = lambda w, bias=False: torch.nn.Linear(  # noqa: E731
+        w.shape[1], w.shape[0], bias=bias, dtype=torch.bfloat16).requires_grad_(False)
     assert not cpu_bf16.mlp_fits(x, lin(gate), lin(up), lin(down))  # hidden size 48: not a multiple of 32
     x, gate, up, down = swiglu_mlp()
     assert cpu_bf16.mlp_fits(x, lin(gate), lin(up), lin(down))
@@ -272,3 +273,23 @@ def test_topk_skips_nan_and_refuses_what_it_cannot_read():
         with pytest.raises(RuntimeError, match=what):
             cpu_bf16.ops().topk_rows(bad, k)
     assert not cpu_bf16.topk_fits(x.double(), 1) and not cpu_bf16.topk_fits(x, 5) and cpu_bf16.topk_fits(x, 4)
+
+
+def test_no_kernel_where_a_gradient_is_wanted(monkeypatch):
+    """The operators have no backward: a product, MLP, attention or top-k whose input carries a gradient stays on
+    torch's operations (training), and the same call without autograd takes the kernel (decoding)."""
+    monkeypatch.setattr(cpu_bf16, "preferred", lambda: True)
+    monkeypatch.setattr(cpu_bf16, "available", lambda: True)
+    x, w = bf16(4, 64), bf16(96, 64, seed=1)
+    q, k = bf16(1, 4, 2, 32), bf16(1, 2, 16, 32)
+    gate, up, down = (torch.nn.Linear(64, 96, bias=False).to(torch.bfloat16).requires_grad_(False) for _ in range(3))
+    down = torch.nn.Linear(96, 64, bias=False).to(torch.bfloat16).requires_grad_(False)
+    checks = lambda a, b: (cpu_bf16.fits(a, w), cpu_bf16.mlp_fits(a, gate, up, down),  # noqa: E731
+                           cpu_bf16.attention_fits(b, k), cpu_bf16.topk_fits(a.float(), 3))
+    assert checks(x, q) == (True,) * 4
+    xg, qg = x.clone().requires_grad_(), q.clone().requires_grad_()
+    assert checks(xg, qg) == (False,) * 4
+    with torch.no_grad():
+        assert checks(xg, qg) == (True,) * 4
+    up.requires_grad_(True)  # a weight that trains
+    assert not cpu_bf16.mlp_fits(x, gate, up, down)

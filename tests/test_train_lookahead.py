@@ -2,12 +2,14 @@
 reference, the frozen base, resume, truncation, and the command line's errors."""
 
 import json
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import minipass.train_lookahead as tl
+from minipass.kernels import cpu_bf16
 from minipass.loading import load_checkpoint
 from minipass.lookahead import init_lookahead, load_lookahead
 from tests.util import drafting_call, per_layer_lookahead, tiny_checkpoint, tiny_model
@@ -129,6 +131,27 @@ def test_loss_and_gradient_match_a_per_anchor_reference(tiny, loss, chunk_rows, 
     ref.backward()
     assert value == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(emb.grad, ref_emb.grad, atol=1e-7, rtol=1e-4)
+
+
+@pytest.mark.skipif(not cpu_bf16.preferred(), reason=f"minipass's CPU bf16 kernels are not taken here: {cpu_bf16.why_not()}")
+def test_bf16_gradient_where_the_cpu_kernels_run(monkeypatch):
+    """The CPU bf16 operators have no backward: in bf16 on a CPU that takes them, the loss's gradient (logits made
+    in chunks of few rows, which the kernels would take when decoding) is the one torch's own operations give."""
+    model = tiny_model(dtype=torch.bfloat16)
+    n, L = 36, 3
+    tokens = torch.randint(0, model.args.vocab_size, (2, n), generator=torch.Generator().manual_seed(7))
+    layout = tl.make_layout(n, L, 3, 2)
+    start = per_layer_lookahead(model, L).float()
+    monkeypatch.setattr(tl, "LOSS_CHUNK_ROWS", 24)
+
+    def gradient():
+        emb = torch.nn.Parameter(start.clone())
+        tl.lookahead_loss(model, tokens, emb, layout, "ce")
+        return emb.grad
+
+    with_kernels = gradient()
+    monkeypatch.setattr(cpu_bf16, "preferred", lambda: False)
+    assert torch.equal(with_kernels, gradient())
 
 
 @pytest.mark.parametrize("loss,factor", [("ce", 0.95), ("kl", 0.8)])  # a random model's own entropy bounds ce
@@ -258,3 +281,35 @@ def test_checkpoint_without_tokenizer(tmp_path, cli_setup, capsys):
     ckpt = tiny_checkpoint(tmp_path / "bare", tokenizer=False)
     err = error_of(capsys, cli(ckpt, tmp_path / "x.safetensors", "--data", str(text)))
     assert f"checkpoint {ckpt} has no tokenizer" in err
+
+
+def test_init_from_a_trained_file_goes_on_from_it(cli_setup, capsys):
+    root, ckpt, text, _ = cli_setup
+    first = root / "first.safetensors"
+    trained = tl.train(tl.parse_args(cli(ckpt, first, "--data", str(text), "--per-layer")))
+    final = re.findall(r"step 6: val loss ([0-9.]+)", capsys.readouterr().err)
+    assert len(final) == 1
+    # Same data and validation sequences: the second run starts where the first ended.
+    again = tl.train(tl.parse_args(cli(ckpt, root / "second.safetensors", "--data", str(text), "--per-layer",
+                                       "--init", str(first))))
+    assert f"step 0: val loss {final[0]}" in capsys.readouterr().err
+    assert not torch.equal(again, trained)
+    # The first L of a longer file.
+    shorter = tl.train(tl.parse_args(cli(ckpt, root / "third.safetensors", "--data", str(text), "--per-layer",
+                                         "--init", str(first), "--lookahead", "2", "--steps", "1")))
+    assert shorter.shape == (trained.shape[0], 2, trained.shape[2])
+
+
+def test_init_file_refused(cli_setup, capsys):
+    root, ckpt, text, _ = cli_setup
+    per_layer = root / "init-per-layer.safetensors"
+    assert tl.main(cli(ckpt, per_layer, "--data", str(text), "--per-layer", "--steps", "1")) == 0
+    capsys.readouterr()
+    err = error_of(capsys, cli(ckpt, root / "x.safetensors", "--data", str(text), "--init", str(per_layer)))
+    assert f"--init {per_layer} has per-layer additions; give --per-layer too" in err
+    err = error_of(capsys, cli(ckpt, root / "x.safetensors", "--data", str(text), "--per-layer", "--init",
+                               str(per_layer), "--lookahead", "5"))
+    assert "--lookahead must be between 1 and 3" in err
+    missing = root / "missing.safetensors"
+    assert f"look-ahead file {missing} does not exist" in error_of(capsys, cli(ckpt, root / "x.safetensors", "--data",
+                                                                               str(text), "--init", str(missing)))
