@@ -45,7 +45,7 @@ import torch._inductor.config
 
 from minipass.cli import add_decoding_args, add_model_args, decoder_options, run_cli
 from minipass.data import humaneval_prompts, jsonl_prompts, sharegpt_prompts
-from minipass.decoders import LOOKAHEAD_MODES, MODES, lookahead_for, make_decoder
+from minipass.decoders import LOOKAHEAD_MODES, MODES, datastore_for, lookahead_for, make_decoder
 from minipass.decoding import (CACHE_ROUNDING, DecodeStats, SamplingParams, compile_fn, prefill_width,
                                steady_guards)
 from minipass.distributed import default_group, finish, init_from_env, rank
@@ -649,6 +649,7 @@ def bench(args: argparse.Namespace) -> None:
     datasets = [load_prompts(d.strip(), tok, args.num_prompts) for d in args.dataset.split(",") if d.strip()]
     lookahead = {L: lookahead_for(model, args.lookahead_file, L, default_model=args.ckpt is None)
                  for L in lookaheads} if any(m in LOOKAHEAD_MODES for m in modes) else {}
+    store, store_source = datastore_for(model, args.datastore, args.ckpt is None) if "tree" in modes else (None, "none")
     for L, (_, source) in lookahead.items():
         if source.startswith("untrained"):
             print(f"bench: no --lookahead-file; using untrained (mean-embedding) look-ahead tokens, which draft "
@@ -689,10 +690,10 @@ def bench(args: argparse.Namespace) -> None:
     for name, prompts in datasets:
         for sampling in settings:
             group = [Config(name, sampling, "ar", 0, None)]
-            specs.append(("ar", decoder_options(args, lookaheads[0], base_nodes), None))
+            specs.append(("ar", decoder_options(args, lookaheads[0], base_nodes, store), None))
             for m in modes[1:]:
                 for L in (lookaheads if m in LOOKAHEAD_MODES else [0]):
-                    opts = decoder_options(args, L or lookaheads[0], base_nodes)
+                    opts = decoder_options(args, L or lookaheads[0], base_nodes, store)
                     la = lookahead[L][0] if m in LOOKAHEAD_MODES else None
                     if m == "ngram":
                         cfg = Config(name, sampling, m, 0, None, width=1 + opts.ngram.nodes,
@@ -713,7 +714,7 @@ def bench(args: argparse.Namespace) -> None:
                             plan = sizing.size_tree(model, la, sampling, name, tok, t_of, base_tree=opts.tree,
                                                     num_prompts=args.calibration_prompts,
                                                     max_new_tokens=args.max_new_tokens, quiet=False,
-                                                    widths=sorted(used))
+                                                    widths=sorted(used), datastore=store)
                             tree, Lt = plan.tree, plan.lookahead  # the first Lt look-ahead tokens
                             sizing_report.append({"dataset": name, "setting": sampling_label(sampling), "L": L,
                                                   **plan.report})
@@ -821,6 +822,9 @@ def bench(args: argparse.Namespace) -> None:
     print(f"model: {ckpt}  device: {device_name(device)}  dtype: {model.embed_tokens.weight.dtype}  "
           f"weights: {gb:.3f} GB  prompts: {args.num_prompts} x {args.max_new_tokens} new tokens, "
           f"batch {args.batch_size}, {args.rounds} rounds, step {'compiled' if compile_ else 'eager'}")
+    if "tree" in modes:
+        print(f"tree drafts: look-ahead, context n-grams, datastore {store_source}"
+              + (f" ({len(store)} tokens)" if store is not None else ""))
     print_table(runs)
     print()
     print(LEGEND)
@@ -871,7 +875,7 @@ def bench(args: argparse.Namespace) -> None:
         r.pop("_ar_ms", None)
     if args.json and rank() == 0:
         doc = {"model": str(ckpt), "device": device_name(device), "dtype": str(model.embed_tokens.weight.dtype),
-               "compiled": bool(compile_), "rounds": args.rounds, "load_average_start": load_start,
+               "compiled": bool(compile_), "rounds": args.rounds, "datastore": store_source, "load_average_start": load_start,
                "load_average_end": load_end, "bandwidth_gb_per_s": round(bandwidth, 2), "weights_gb": round(gb, 4),
                "bound_tokens_per_s": round(bound, 2), "resident_gb_per_s": round(resident, 4),
                "resident_bound_tokens_per_s": round(resident_bound, 2), "last_level_cache_bytes": llc,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
-from minipass.decoders import LOOKAHEAD_MODES, DecoderOptions, lookahead_for, make_decoder
+from minipass.decoders import LOOKAHEAD_MODES, DecoderOptions, datastore_for, lookahead_for, make_decoder
 from minipass.decoding import DecodeStats, SamplingParams
 from minipass.errors import MinipassError
 from minipass.loading import load_checkpoint
@@ -35,10 +35,10 @@ class Minipass:
     """A loaded model with its tokenizer; `generate` and `stream` decode with any of the modes of decoders.py."""
 
     def __init__(self, model, tokenizer, checkpoint: Path, lookahead_file: Optional[str] = None,
-                 default_model: bool = False):
+                 default_model: bool = False, datastore_file: Optional[str] = None):
         self.model, self.tokenizer, self.checkpoint = model, tokenizer, checkpoint
-        self.lookahead_file, self.default_model = lookahead_file, default_model
-        self._lookahead = {}
+        self.lookahead_file, self.default_model, self.datastore_file = lookahead_file, default_model, datastore_file
+        self._lookahead, self._datastore = {}, []
 
     def encode(self, prompt: Prompt, chat: bool) -> list:
         """Token ids of a prompt: ids as they are, chat messages through the chat template, text as is or, with
@@ -58,7 +58,15 @@ class Minipass:
             self._lookahead[L] = lookahead_for(self.model, self.lookahead_file, L, self.default_model)[0]
         return self._lookahead[L]
 
+    def datastore(self):
+        """The tree mode's datastore (datastore_for), loaded once; None if there is none."""
+        if not self._datastore:
+            self._datastore.append(datastore_for(self.model, self.datastore_file, self.default_model)[0])
+        return self._datastore[0]
+
     def decoder(self, mode: str, options: DecoderOptions):
+        if mode == "tree" and options.datastore is None:
+            options = replace(options, datastore=self.datastore())
         return make_decoder(mode, options, self.lookahead(options.lookahead) if mode in LOOKAHEAD_MODES else None)
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]], mode: str = "ar", *, chat: bool = False,
@@ -113,8 +121,9 @@ def _is_single(prompts) -> bool:
 
 
 def load(ckpt: Optional[Union[str, Path]] = None, dtype: str = "auto", device: str = "auto", kernels: str = "auto",
-         lookahead_file: Optional[str] = None) -> Minipass:
-    """A checkpoint directory (None: the embedded default model, converted on first use) with its tokenizer, and
-    the look-ahead file of the PaSS modes (None: the shipped one for the default model, else untrained)."""
+         lookahead_file: Optional[str] = None, datastore_file: Optional[str] = None) -> Minipass:
+    """A checkpoint directory (None: the embedded default model, converted on first use) with its tokenizer, the
+    look-ahead file of the PaSS modes (None: the shipped one for the default model, else untrained) and the tree
+    mode's datastore file (None: the shipped one for the default model, else none; "none": none)."""
     model, tok, path = load_checkpoint(ckpt, dtype, device, kernels)
-    return Minipass(model, tok, path, lookahead_file, default_model=ckpt is None)
+    return Minipass(model, tok, path, lookahead_file, default_model=ckpt is None, datastore_file=datastore_file)

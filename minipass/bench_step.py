@@ -33,7 +33,8 @@ import torch._inductor.config
 
 from minipass import decoding, pass_decoding, tree_decoding
 from minipass.config import ModelArgs
-from minipass.decoders import LOOKAHEAD_MODES, MODES, DecoderOptions, lookahead_for, make_decoder, with_tree
+from minipass.decoders import (LOOKAHEAD_MODES, MODES, DecoderOptions, datastore_for, lookahead_for, make_decoder,
+                               with_tree)
 from minipass.cli import run_cli
 from minipass.decoding import SamplingParams
 from minipass.loading import load_checkpoint
@@ -151,6 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--tree", default=None, metavar="N,M,L",
                    help="the tree mode's nodes N, look-ahead blocks M and look-ahead tokens L (default: the default "
                         "tree; bench.py prints the sizes it picks)")
+    p.add_argument("--datastore", default=None,
+                   help="tree: a datastore file, or none (default: the shipped one with --ckpt default, else none)")
     p.add_argument("--profile", type=int, default=0, metavar="K",
                    help="also print, per mode, the K costliest operations of one round of steps, of forwards and of "
                         "stand-in steps (torch.profiler, with shapes)")
@@ -170,17 +173,19 @@ def bench(args) -> None:
     if args.ckpt:
         model, _, _ = load_checkpoint(None if args.ckpt == "default" else args.ckpt, args.dtype, device="cpu")
         lookahead, _ = lookahead_for(model, None, L, default_model=args.ckpt == "default")
+        store = datastore_for(model, args.datastore, default_model=args.ckpt == "default")[0]
         name = "default" if args.ckpt == "default" else args.ckpt
     else:
         model = Transformer(ModelArgs.from_name(args.config)).eval().requires_grad_(False)
         lookahead = init_lookahead(model, L, "random", seed=1)
+        store = datastore_for(model, args.datastore, default_model=False)[0]
         name = args.config
     # Prompts over a few token ids repeat their n-grams, so the n-gram drafts find matches (ids past the first
     # hundred: a real vocabulary's first ones are control tokens).
     g = torch.Generator().manual_seed(0)
     first = 100 if model.args.vocab_size > 1000 else 0
     prompts = torch.randint(first, first + 16, (args.batch_size, args.prompt_len), generator=g).tolist()
-    options = DecoderOptions(compile=not args.eager, cache_len=args.prompt_len + 192)
+    options = DecoderOptions(compile=not args.eager, cache_len=args.prompt_len + 192, datastore=store)
     if args.tree:
         options = with_tree(replace(options, lookahead=L), nodes=nodes, blocks=blocks)
     sampling = SamplingParams()  # greedy

@@ -60,6 +60,10 @@ def add_decoding_args(parser: argparse.ArgumentParser, compile_default: bool = F
     parser.add_argument("--lookahead-file", default=None,
                         help="look-ahead embeddings (.safetensors); default: the ones shipped for the default model, "
                              "else untrained (mean-embedding) ones")
+    parser.add_argument("--datastore", default=None,
+                        help="tree: a datastore file (python -m minipass.datastore) whose continuations of the "
+                             "context's suffix the trees also draft, or none; default: the one shipped for the "
+                             "default model, else none")
     parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
                         help="attention and acceptance through the Triton kernels (CUDA) or torch (default: auto)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=compile_default,
@@ -91,11 +95,11 @@ def tree_nodes(args: argparse.Namespace):
         raise MinipassError(f"--tree-nodes must be an integer or auto, got {args.tree_nodes!r}") from None
 
 
-def decoder_options(args: argparse.Namespace, L: int, nodes: int) -> DecoderOptions:
+def decoder_options(args: argparse.Namespace, L: int, nodes: int, datastore=None) -> DecoderOptions:
     """DecoderOptions from the parsed options of add_decoding_args (the tree budget given explicitly)."""
     ngram = dict(ngram_max=args.ngram_max, ngram_min=args.ngram_min, ngram_len=args.ngram_len)
     tree = TreeConfig(nodes=nodes, topk=args.tree_topk, blocks=args.tree_blocks, ngram_chains=args.ngram_chains,
                       **ngram)
     ngram_cfg = TreeConfig(**{**NGRAM.__dict__, **ngram, "nodes": args.ngram_len})
     return DecoderOptions(lookahead=L, pass1_blocks=args.pass1_blocks, tree=tree, ngram=ngram_cfg,
-                          compile=args.compile)
+                          compile=args.compile, datastore=datastore)

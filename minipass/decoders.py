@@ -16,6 +16,7 @@ from typing import Callable, Optional, Union
 
 from torch import Tensor
 
+from minipass.datastore import Datastore, load_datastore
 from minipass.decoding import ar_decode
 from minipass.errors import MinipassError
 from minipass.lookahead import init_lookahead, load_lookahead
@@ -26,6 +27,8 @@ MODES = {"ar": ar_decode, "pass": pass_decode, "pass1": pass1_decode, "ngram": n
 LOOKAHEAD_MODES = ("pass", "pass1", "tree")
 # Trained look-ahead embeddings shipped for the default model (see weights/README.md for how they were made).
 DEFAULT_LOOKAHEAD_FILE = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m-instruct.lookahead.safetensors"
+# The datastore shipped for it: the same self-distilled continuations, for the tree's datastore chains.
+DEFAULT_DATASTORE_FILE = DEFAULT_LOOKAHEAD_FILE.with_name("smollm2-135m-instruct.datastore.safetensors")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class DecoderOptions:
     compile: Union[bool, dict] = False  # compile the step (decoding.compile_fn): True, or the torch.compile kwargs
     check_every: Optional[int] = None  # steps between two looks at the state (None: decoding.check_every_default)
     cache_len: Optional[int] = None  # the least cache length: calls that pass the same share one compiled step
+    datastore: Optional[Datastore] = None  # tree mode: chains from a datastore as well (see datastore_for)
 
 
 def lookahead_for(model, lookahead_file: Optional[str], L: int, default_model: bool) -> tuple[Tensor, str]:
@@ -50,6 +54,19 @@ def lookahead_for(model, lookahead_file: Optional[str], L: int, default_model: b
     if path is not None:
         return load_lookahead(path, model, L), str(path)
     return init_lookahead(model, L).to(model.embed_tokens.weight.dtype), "untrained (mean embedding)"
+
+
+def datastore_for(model, datastore_file: Optional[str], default_model: bool) -> tuple[Optional[Datastore], str]:
+    """(datastore or None, where it came from) for the tree mode: the file, 'none' for none, or by default the one
+    shipped for the default model (other models have none unless given one: see datastore.py)."""
+    if datastore_file == "none":
+        return None, "none"
+    path = datastore_file
+    if path is None and default_model and DEFAULT_DATASTORE_FILE.is_file():
+        path = DEFAULT_DATASTORE_FILE
+    if path is None:
+        return None, "none"
+    return load_datastore(path, model.args.vocab_size, device=model.embed_tokens.weight.device), str(path)
 
 
 def make_decoder(mode: str, options: DecoderOptions = DecoderOptions(),
@@ -69,7 +86,7 @@ def make_decoder(mode: str, options: DecoderOptions = DecoderOptions(),
         return partial(pass_decode, lookahead=lookahead, **run)
     if mode == "pass1":
         return partial(pass1_decode, lookahead=lookahead, blocks=options.pass1_blocks or None, **run)
-    return partial(tree_decode, lookahead=lookahead, tree=options.tree, **run)
+    return partial(tree_decode, lookahead=lookahead, tree=options.tree, datastore=options.datastore, **run)
 
 
 def with_tree(options: DecoderOptions, **changes) -> DecoderOptions:

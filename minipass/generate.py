@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from minipass.cli import add_decoding_args, add_model_args, add_sampling_args, decoder_options, run_cli, tree_nodes
-from minipass.decoders import LOOKAHEAD_MODES, MODES, lookahead_for, make_decoder
+from minipass.decoders import LOOKAHEAD_MODES, MODES, datastore_for, lookahead_for, make_decoder
 from minipass.decoding import SamplingParams
 from minipass.distributed import finish, init_from_env
 from minipass.loading import load_checkpoint
@@ -54,7 +54,8 @@ def generate(args: argparse.Namespace) -> None:
     model, tok, _ = load_checkpoint(args.ckpt, args.dtype, args.device, args.kernels,
                                    check_weights=args.check_weights)
     # A one-off generation has no calibration run to size the tree on: auto means the default budget here.
-    options = decoder_options(args, args.lookahead, tree_nodes(args) or TreeConfig().nodes)
+    store = datastore_for(model, args.datastore, args.ckpt is None)[0] if args.mode == "tree" else None
+    options = decoder_options(args, args.lookahead, tree_nodes(args) or TreeConfig().nodes, store)
     la = None
     if args.mode in LOOKAHEAD_MODES:
         la, source = lookahead_for(model, args.lookahead_file, args.lookahead, default_model=args.ckpt is None)

@@ -38,10 +38,13 @@ from torch import Tensor
 
 from minipass.decoding import SamplingParams, ar_decode
 from minipass.model import Transformer
-from minipass.tree_decoding import NgramIndex, TreeConfig, TreeTemplate, build_tree
+from minipass.datastore import Datastore
+from minipass.tree_decoding import NgramIndex, TreeConfig, TreeTemplate, build_tree, draft_chains, store_slots
 
 BUDGETS = (2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)
-TRAINED_ON = 480  # prompts per source the shipped look-ahead was distilled from (weights/README.md): skipped here
+# Prompts per source that the shipped look-ahead (the first 480) and datastore (all 960) were distilled from
+# (weights/README.md): skipped here, so that calibration measures drafts on prompts neither has seen.
+TRAINED_ON = 960
 
 
 @dataclass
@@ -127,12 +130,12 @@ def calibrate(model: Transformer, lookahead: Tensor, prompts: list, sampling: Sa
     return cal
 
 
-def acceptance_tables(cal: Calibration, cfg: TreeConfig, L: int) -> tuple:
+def acceptance_tables(cal: Calibration, cfg: TreeConfig, L: int, store: Optional[Datastore] = None) -> tuple:
     """(look-ahead acceptance (L, topk), n-gram acceptance (chains, ngram_len)): each the fraction of candidates
     that were the continuation among those whose parent was (smoothed towards 0 with one pseudo-count)."""
     la_hit = [[0] * cfg.topk for _ in range(L)]
     la_try = [0] * L
-    C = max(cfg.ngram_chains, 1)
+    C = max(cfg.ngram_chains + store_slots(cfg, store), 1)
     ng_hit = [[0] * cfg.ngram_len for _ in range(C)]
     ng_try = [[0] * cfg.ngram_len for _ in range(C)]
     for seq, start, tops in zip(cal.sequences, cal.starts, cal.top_tokens):
@@ -150,7 +153,7 @@ def acceptance_tables(cal: Calibration, cfg: TreeConfig, L: int) -> tuple:
                         la_hit[d][ranks.index(truth[d])] += 1
                     else:
                         break
-            for c, chain in enumerate(index.continuations(cfg.ngram_len, cfg.ngram_chains)):
+            for c, chain in enumerate(draft_chains(index, cfg, store)):
                 for j, t in enumerate(chain[: len(truth)]):
                     ng_try[c][j] += 1
                     if t != truth[j]:
@@ -162,16 +165,16 @@ def acceptance_tables(cal: Calibration, cfg: TreeConfig, L: int) -> tuple:
     return la, ng
 
 
-def replay(cal: Calibration, cfg: TreeConfig, L: int) -> float:
+def replay(cal: Calibration, cfg: TreeConfig, L: int, store: Optional[Datastore] = None) -> float:
     """Tokens per call of tree decoding with `cfg` on the calibration sequences (see the module docstring, 4)."""
     M = cfg.blocks if L else 0
-    tpl = TreeTemplate(cfg, L if M else 0)
+    tpl = TreeTemplate(cfg, L if M else 0, store=store_slots(cfg, store))
     calls = emitted = 0
     for seq, start, tops, probs in zip(cal.sequences, cal.starts, cal.top_tokens, cal.top_probs):
         index = NgramIndex(seq[: start + 1], cfg.ngram_min, cfg.ngram_max)
         root, seeds = start, None  # the first call has no look-ahead block before it
         while root < len(seq) - 1:
-            chains = index.continuations(cfg.ngram_len, cfg.ngram_chains) if cfg.ngram_chains else []
+            chains = draft_chains(index, cfg, store)
             la_tok = tops.get(seeds) if seeds is not None else None
             la_prob = probs.get(seeds) if seeds is not None else None
             tokens, parents, depths, scores = build_tree(tpl, cfg.nodes, seq[root], chains, la_tok, la_prob)
@@ -192,14 +195,15 @@ def replay(cal: Calibration, cfg: TreeConfig, L: int) -> float:
     return emitted / max(calls, 1)
 
 
-def candidates(base: TreeConfig, cal: Calibration, L: int, widths: Optional[Sequence[int]] = None) -> list:
+def candidates(base: TreeConfig, cal: Calibration, L: int, widths: Optional[Sequence[int]] = None,
+               store: Optional[Datastore] = None) -> list:
     """Tree configurations to replay: one or two look-ahead blocks, per-call or calibrated scores, and every budget
     N in BUDGETS, or, given `widths`, the budgets whose calls are exactly those widths (N = W - 1 - M L >= 1).
 
     A call's cost need not be smooth in its width: a CPU's matrix products run in blocks of rows (AMX tiles hold 16),
     and the default model's 17-wide tree step measured 1.46x an AR step where the 16-wide one measured 1.30x. So
     the budgets are fitted to the widths the cost curve measured, and never priced by interpolating across a step."""
-    tables = acceptance_tables(cal, base, L)
+    tables = acceptance_tables(cal, base, L, store)
     blocks = (1, 2) if L and base.blocks else (0,)
     if widths is None:
         sizes = [(N, M) for N in BUDGETS for M in blocks]
@@ -214,7 +218,8 @@ def candidates(base: TreeConfig, cal: Calibration, L: int, widths: Optional[Sequ
 
 def size_tree(model: Transformer, lookahead: Optional[Tensor], sampling: SamplingParams, dataset: str, tok,
               t_of: Callable[[int], float], base_tree: TreeConfig = TreeConfig(), num_prompts: int = 6,
-              max_new_tokens: int = 64, quiet: bool = True, widths: Optional[Sequence[int]] = None) -> Plan:
+              max_new_tokens: int = 64, quiet: bool = True, widths: Optional[Sequence[int]] = None,
+              datastore: Optional[Datastore] = None) -> Plan:
     """The tree (budget, blocks, scoring, look-ahead length) with the most replayed tokens per call / t(width)
     (module docstring). widths: the call widths t_of was measured at; the candidates then fill them exactly (see
     `candidates`). Every look-ahead length up to the tensor's L is a candidate (Plan.lookahead): a block's later
@@ -229,11 +234,11 @@ def size_tree(model: Transformer, lookahead: Optional[Tensor], sampling: Samplin
     rows = []
     for Lc in (range(L, 0, -1) if L and base_tree.blocks else (L,)):
         cal_c = cal.truncated(Lc) if Lc != L else cal
-        for cfg in candidates(base_tree, cal_c, Lc, widths):
+        for cfg in candidates(base_tree, cal_c, Lc, widths, datastore):
             T = 1 + cfg.nodes + (cfg.blocks if Lc else 0) * Lc
-            tpc = replay(cal_c, cfg, Lc)
+            tpc = replay(cal_c, cfg, Lc, datastore)
             rows.append((tpc / t_of(T), tpc, T, cfg, Lc))
-    default_tpc = replay(cal, base_tree, L)
+    default_tpc = replay(cal, base_tree, L, datastore)
     rate, tpc, T, cfg, Lc = max(rows, key=lambda r: r[0])
     default_T = 1 + base_tree.nodes + (base_tree.blocks if L else 0) * L
     summary = (f"N={cfg.nodes} M={cfg.blocks if Lc else 0} L={Lc} "

@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ from torch import Tensor
 
 from minipass.errors import MinipassError
 from minipass.cli import add_model_args, run_cli
+from minipass.data import read_data_file, render_chat
 from minipass.lookahead import lookahead_inputs
 from minipass.model import KVCache, Transformer
 
@@ -50,51 +51,6 @@ LOSS_CHUNK_ROWS = 1024  # look-ahead outputs per loss chunk: bounds the (rows, v
 
 
 # --- data -----------------------------------------------------------------------------------------------------------
-
-def render_chat(tok, messages: list) -> Optional[str]:
-    """A conversation as the model sees it while answering: up to its last assistant turn, closed by EOS.
-
-    chat_prompt() renders the turns before the answer and the generation prompt; the answer and the end-of-turn
-    token follow, exactly as the model would have written them. None when there is no assistant turn.
-    """
-    while messages and messages[-1].get("role") != "assistant":
-        messages = messages[:-1]
-    if not messages:
-        return None
-    return tok.chat_prompt(messages[:-1]) + messages[-1]["content"] + tok.eos_token
-
-
-def read_data_file(path: Path, tok) -> list[str]:
-    """Texts of a .txt file (one document) or a .jsonl file ({"text"} or {"messages"} per line)."""
-    if not path.is_file():
-        raise MinipassError(f"data file {path} does not exist")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise MinipassError(f"data file {path} could not be read as UTF-8 text: {e}") from None
-    if path.suffix != ".jsonl":
-        texts = [raw] if raw.strip() else []
-    else:
-        texts = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MinipassError(f"{path}:{n} is not valid JSON ({e.msg})") from None
-            if isinstance(rec, dict) and isinstance(rec.get("text"), str):
-                texts.append(rec["text"])
-            elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
-                text = render_chat(tok, rec["messages"])
-                if text:
-                    texts.append(text)
-            else:
-                raise MinipassError(f"{path}:{n} needs a \"text\" string or a \"messages\" list")
-    if not any(t.strip() for t in texts):
-        raise MinipassError(f"data file {path} is empty: it has no text to train on")
-    return texts
-
 
 def source_texts(spec: str, tok, seed: int) -> Iterator[str]:
     """The documents of one --data source in a seeded random order, rendered lazily (chat templates are slow)."""

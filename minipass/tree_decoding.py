@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minipass.kernels.tree_acceptance import accept_tree, accept_tree_ref
+from minipass.datastore import Datastore, store_chains
 from minipass.decoding import Output, SamplingParams, State, clock, commit, flag_non_finite, run, start, step_for
 from minipass.errors import MinipassError
 from minipass.lookahead import lookahead_inputs, num_lookahead
@@ -60,6 +61,7 @@ class TreeConfig:
     ngram_len: int = 8  # tokens copied after a match
     ngram_chains: int = 4  # distinct continuations taken (most recent matches of the longest suffix first)
     ngram_prior: float = 0.6  # per-token score of an n-gram candidate (look-ahead ones score their probability)
+    store_chains: int = 3  # continuations taken from a datastore, when the decoder is given one (datastore.py)
     pool: int = 0  # look-ahead rank paths considered per call (0 = 3 * nodes)
     # Calibrated scores (sizing.py), or None: (look-ahead acceptance by depth and rank, L x topk; n-gram acceptance
     # by depth, ngram_len, or by chain and depth, chains x ngram_len), each the probability that the candidate is
@@ -69,8 +71,8 @@ class TreeConfig:
     def __post_init__(self):
         if self.nodes < 1:
             raise MinipassError(f"a tree needs at least 1 candidate node, got nodes={self.nodes}")
-        if self.topk < 0 or self.blocks < 0 or self.ngram_chains < 0 or self.pool < 0:
-            raise MinipassError("tree options topk, blocks, ngram_chains and pool must be >= 0")
+        if self.topk < 0 or self.blocks < 0 or self.ngram_chains < 0 or self.pool < 0 or self.store_chains < 0:
+            raise MinipassError("tree options topk, blocks, ngram_chains, store_chains and pool must be >= 0")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise MinipassError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
         if self.ngram_len < 1:
@@ -81,11 +83,12 @@ class TreeConfig:
 
 class TreeTemplate:
     """The candidate pool of one configuration: node 0 the root, then the n-gram chain nodes (chain c, depth j+1 at
-    1 + c * ngram_len + j), then the look-ahead rank paths in breadth-first order, so a node's parent always comes
-    first. Static: built once per (config, L) on the host, used by every call."""
+    1 + c * ngram_len + j: the context's ngram_chains, then `store` chains from a datastore), then the look-ahead
+    rank paths in breadth-first order, so a node's parent always comes first. Static: built once per (config, L,
+    store) on the host, used by every call."""
 
-    def __init__(self, cfg: TreeConfig, L: int, device=None):
-        C, ell = cfg.ngram_chains, cfg.ngram_len
+    def __init__(self, cfg: TreeConfig, L: int, device=None, store: int = 0):
+        C, ell = cfg.ngram_chains + store, cfg.ngram_len
         parent, depth = [-1], [0]
         for c in range(C):
             for j in range(ell):
@@ -134,6 +137,9 @@ class TreeTemplate:
             la_acc, ng_acc = cfg.calibrated
             la_acc = torch.tensor(la_acc, dtype=torch.float32)
             ng = torch.tensor(ng_acc, dtype=torch.float32)
+            if ng.dim() == 2 and ng.shape[0] < C:
+                raise MinipassError(f"the calibrated scores have {ng.shape[0]} n-gram chains, the tree {C} (with or "
+                                    "without a datastore: calibrate the tree the way it decodes)")
             ng = (ng.expand(C, -1) if ng.dim() == 1 else ng[:C])[:, :ell].cumprod(1).reshape(-1)  # (C * ell,)
         else:
             la_acc, ng = None, (cfg.ngram_prior ** torch.arange(1, ell + 1, dtype=torch.float32)).repeat(C)
@@ -246,6 +252,23 @@ class NgramIndex:
                     if len(out) == chains:
                         return out
         return out
+
+
+def store_slots(cfg: TreeConfig, store: Optional[Datastore]) -> int:
+    """Chains a tree of `cfg` takes from `store` (none without one)."""
+    return min(cfg.store_chains, store.chains) if store is not None else 0
+
+
+def draft_chains(index: NgramIndex, cfg: TreeConfig, store: Optional[Datastore] = None) -> list:
+    """Reference of a call's chain slots (what tree_step gives build_trees): the context's ngram_chains, then, with
+    a datastore, its store_chains continuations of the context's suffix; [] for an empty slot."""
+    ctx = index.continuations(cfg.ngram_len, cfg.ngram_chains) if cfg.ngram_chains else []
+    ctx = ctx + [[]] * (cfg.ngram_chains - len(ctx))
+    S = store_slots(cfg, store)
+    if not S:
+        return ctx
+    got = store.continuations(index.tokens, cfg.ngram_len)[:S]
+    return ctx + got + [[]] * (S - len(got))
 
 
 # --- the tree of one call ------------------------------------------------------------------------------------------
@@ -480,11 +503,14 @@ def count_depths(st: State, tree: Tree, path: Tensor, n_acc: Tensor) -> State:
 # --- the step ------------------------------------------------------------------------------------------------------
 
 def tree_step(model: Transformer, st: State, sampling: SamplingParams, cfg: TreeConfig, tpl: TreeTemplate,
-              la: Optional[Tensor], adds: Optional[Tensor]) -> State:
+              la: Optional[Tensor], adds: Optional[Tensor], store: Optional[Datastore] = None) -> State:
     N, M, L = cfg.nodes, (cfg.blocks if tpl.L else 0), tpl.L
     seq, seeds = st["seqlens"], st["seeds"]
     B, dev = seq.shape[0], seq.device
     chains = ngram_chains(st["tokens"], seq + 1, cfg.ngram_min, cfg.ngram_max, cfg.ngram_len, cfg.ngram_chains)
+    if tpl.C > cfg.ngram_chains:  # and the datastore's continuations of the context's suffix
+        chains = torch.cat([chains, store_chains(store, st["tokens"], seq + 1, tpl.C - cfg.ngram_chains,
+                                                 cfg.ngram_len)], 1)
     tree = build_trees(tpl, N, M, st["pending"], chains, st["la_tok"], st["la_prob"], st["la_valid"])
 
     embeds = model.embed(tree.tokens)  # (B, N+1, dim)
@@ -532,14 +558,17 @@ def tree_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_to
                 sampling: SamplingParams = SamplingParams(), seeds: Optional[Sequence[int]] = None,
                 stop_ids: Sequence[int] = (), on_tokens: Optional[Callable] = None, *,
                 lookahead: Optional[Tensor] = None, tree: TreeConfig = TreeConfig(), compile=False,
-                check_every: Optional[int] = None, cache_len: Optional[int] = None) -> Output:
-    """Token-tree decoding. lookahead None (or tree.blocks == 0) drafts from context n-grams only."""
+                check_every: Optional[int] = None, cache_len: Optional[int] = None,
+                datastore: Optional[Datastore] = None) -> Output:
+    """Token-tree decoding. lookahead None (or tree.blocks == 0) drafts from context n-grams only; a datastore
+    (datastore.py) adds tree.store_chains chains of its continuations of the context's suffix."""
     L = 0 if lookahead is None or tree.blocks == 0 else num_lookahead(model, lookahead)
     M = tree.blocks if L else 0
     N = tree.nodes
     T = 1 + N + M * L
     dev = model.embed_tokens.weight.device
-    tpl = TreeTemplate(tree, L, dev)
+    S = store_slots(tree, datastore)
+    tpl = TreeTemplate(tree, L, dev, S)
     t0 = clock(model)
     st = start(model, prompts, max_new_tokens, seeds, stop_ids, width=T, draft_positions=N, cache_len=cache_len,
                compile=compile)
@@ -549,9 +578,9 @@ def tree_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_to
     st["la_prob"] = torch.zeros(B, max(L, 1), k, device=dev)
     st["la_valid"] = torch.zeros(B, dtype=torch.bool, device=dev)
     la, adds = lookahead_inputs(lookahead, M, N + 1, B) if M else (None, None)  # (B, M * L, dim), additions
-    key = ("tree", sampling, tree, L, B) + ((id(lookahead), lookahead.dtype) if M else ())
-    step = step_for(partial(_with_inputs, tree_step, sampling=sampling, cfg=tree, tpl=tpl, la=la, adds=adds),
-                    key, model, compile)
+    key = ("tree", sampling, tree, L, B, id(datastore) if S else None) + ((id(lookahead), lookahead.dtype) if M else ())
+    step = step_for(partial(_with_inputs, tree_step, sampling=sampling, cfg=tree, tpl=tpl, la=la, adds=adds,
+                            store=datastore.to(dev) if S else None), key, model, compile)
     return run(model, step, st, on_tokens, check_every, t0)
 
 

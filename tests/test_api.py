@@ -58,3 +58,16 @@ def test_bad_prompt_and_mode(m):
         m.generate("hi", mode="fast")
     with pytest.raises(MinipassError, match="unknown mode"):
         list(m.stream("hi", mode="fast"))
+
+
+def test_tree_mode_drafts_from_the_shipped_datastore(m):
+    from minipass.decoders import DEFAULT_DATASTORE_FILE
+
+    assert m.datastore() is not None and m.datastore() is m.datastore()  # loaded once
+    tok = m.tokenizer
+    ids = tok.encode("def is_even(n):\n")
+    want = ar_decode(m.model, [ids], 16, stop_ids=tok.eos_ids).tokens[0]
+    assert m.generate(ids, mode="tree", max_new_tokens=16).ids == [want]
+    off = minipass.api.Minipass(m.model, tok, m.checkpoint, default_model=True, datastore_file="none")
+    assert off.datastore() is None and off.generate(ids, mode="tree", max_new_tokens=16).ids == [want]
+    assert DEFAULT_DATASTORE_FILE.is_file()

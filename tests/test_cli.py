@@ -24,6 +24,7 @@ def run_main(capsys, *argv):
     (["--top-p", "1.5", "--temperature", "1"], "top_p must be in (0, 1]"),
     (["--top-k", "-2", "--temperature", "1"], "top_k must be an integer >= 0"),
     (["--mode", "pass", "--lookahead", "0"], "--lookahead must be >= 1"),
+    (["--mode", "tree", "--datastore", "/no/such.safetensors"], "datastore file not found: /no/such.safetensors"),
     (["--max-new-tokens", "9000"], "exceeds the model's context of 8192 tokens"),
     pytest.param(["--dtype", "fp32", "--device", "cuda:7"], "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
@@ -40,6 +41,15 @@ def test_lookahead_file_for_another_model(capsys, default_ckpt, tmp_path):
     save_lookahead(f, init_lookahead(other, 4), other, "tiny")
     code, _, err = run_main(capsys, "--prompt", "hi", "--mode", "pass1", "--lookahead-file", str(f))
     assert code == 2 and "expected [L, 576]" in err
+
+
+def test_datastore_for_another_vocabulary(capsys, default_ckpt, tmp_path):
+    from minipass.datastore import save_datastore
+
+    f = tmp_path / "other.safetensors"
+    save_datastore(str(f), [1, 2, 3], 16)
+    code, _, err = run_main(capsys, "--prompt", "hi", "--mode", "tree", "--datastore", str(f))
+    assert code == 2 and "made for a vocabulary of 16 tokens, the model has 49152" in err
 
 
 def test_no_traceback_from_the_real_entry_point(default_ckpt):

@@ -44,22 +44,28 @@ def random_seeds(g, B, L, k, V):
     return tok, prob
 
 
-@pytest.mark.parametrize("cfg, L", [(td.TreeConfig(nodes=6, topk=2, ngram_len=3, ngram_chains=2), 3),
-                                    (td.TreeConfig(nodes=16, topk=3), 4),
-                                    (td.TreeConfig(nodes=9, topk=3, ngram_len=4, ngram_chains=1, pool=40), 5),
-                                    (td.TreeConfig(nodes=5, blocks=0, ngram_len=5, ngram_chains=1), 0),
-                                    (td.TreeConfig(nodes=7, topk=2, ngram_len=3, ngram_chains=1,
-                                                   calibrated=(((0.5, 0.2),) * 3, (0.6, 0.5, 0.4))), 3)],
-                         ids=["small", "default", "deep", "ngram-only", "calibrated"])
-def test_device_trees_equal_the_host_reference(cfg, L):
+@pytest.mark.parametrize("cfg, L, S", [(td.TreeConfig(nodes=6, topk=2, ngram_len=3, ngram_chains=2), 3, 0),
+                                       (td.TreeConfig(nodes=16, topk=3), 4, 0),
+                                       (td.TreeConfig(nodes=9, topk=3, ngram_len=4, ngram_chains=1, pool=40), 5, 0),
+                                       (td.TreeConfig(nodes=5, blocks=0, ngram_len=5, ngram_chains=1), 0, 0),
+                                       (td.TreeConfig(nodes=7, topk=2, ngram_len=3, ngram_chains=1,
+                                                      calibrated=(((0.5, 0.2),) * 3, (0.6, 0.5, 0.4))), 3, 0),
+                                       (td.TreeConfig(nodes=8, topk=2, ngram_len=3, ngram_chains=1,
+                                                      calibrated=(((0.5, 0.2),) * 2,
+                                                                  ((0.6, 0.5, 0.4), (0.7, 0.4, 0.3),
+                                                                   (0.3, 0.2, 0.1)))), 2, 2)],
+                         ids=["small", "default", "deep", "ngram-only", "calibrated", "datastore-chains"])
+def test_device_trees_equal_the_host_reference(cfg, L, S):
     """build_trees (all rows at once, tensor ops) builds the same tries as build_tree (one row, plain Python), over
-    random rows whose n-gram chains and look-ahead candidates share tokens, so the merge is exercised."""
+    random rows whose n-gram chains and look-ahead candidates share tokens, so the merge is exercised. S: chains
+    from a datastore after the context's (calibrated per chain)."""
     g = torch.Generator().manual_seed(1)
     B, V, M = 24, 6, (cfg.blocks if L else 0)
-    tpl = td.TreeTemplate(cfg, L)
+    tpl = td.TreeTemplate(cfg, L, store=S)
+    C = tpl.C
     root = torch.randint(0, V, (B,), generator=g)
-    chains = torch.randint(0, V, (B, cfg.ngram_chains, cfg.ngram_len), generator=g)
-    cut = torch.randint(0, cfg.ngram_len + 1, (B, cfg.ngram_chains), generator=g)
+    chains = torch.randint(0, V, (B, C, cfg.ngram_len), generator=g)
+    cut = torch.randint(0, cfg.ngram_len + 1, (B, C), generator=g)
     chains = torch.where(torch.arange(cfg.ngram_len) < cut[:, :, None], chains, -1)  # chains of any length
     la_tok, la_prob = random_seeds(g, B, max(L, 1), max(cfg.topk, 1), V)
     la_valid = torch.rand(B, generator=g) < 0.8
