@@ -19,7 +19,8 @@ Trees are built on the device, for all rows at once, inside the step (no host ro
      each, and a fixed set of look-ahead rank paths (r_1, .., r_d): the r_1-th likeliest token one place after the
      root, then the r_2-th likeliest two places after it, ... The n-gram chains are the continuations of the latest
      earlier occurrences of the context's longest suffix (`ngram_chains`, a suffix match over the committed tokens
-     as tensor ops); the look-ahead tokens are the top-k of the previous call's look-ahead block.
+     as tensor ops), then, with a datastore, S more: its continuations of that suffix (datastore.store_chains); the
+     look-ahead tokens are the top-k of the previous call's look-ahead block.
   2. scores: an n-gram node's is `ngram_prior ** depth`, a look-ahead node's the product of its path's look-ahead
      probabilities; or, with calibrated scores (sizing.py), the measured acceptance rates of each source by depth
      and rank.
