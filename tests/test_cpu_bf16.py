@@ -275,6 +275,43 @@ def test_topk_skips_nan_and_refuses_what_it_cannot_read():
     assert not cpu_bf16.topk_fits(x.double(), 1) and not cpu_bf16.topk_fits(x, 5) and cpu_bf16.topk_fits(x, 4)
 
 
+def two_reductions(x):
+    """sampling.argmax's torch path: the max, then the least index equal to it (V - 1 where none is: a NaN row)."""
+    top = x.amax(-1)
+    ids = torch.arange(x.shape[-1], dtype=torch.int32)
+    return top, torch.where(x == top[..., None], ids, x.shape[-1] - 1).amin(-1).long()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_is_the_two_reductions(dtype):
+    """The max and its first index as the two reductions give them: ties within a lane and across lanes and blocks,
+    rows off the 16-lane blocks, all -inf, +inf, NaN (NaN, the last index), one value; a slice of rows as the tree
+    verifies them (the rows of a wider call's logits), the leading dims kept."""
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randn(49152, generator=g), torch.randint(0, 3, (300,), generator=g).float(),
+            torch.randint(0, 2, (37,), generator=g).float(), torch.full((21,), float("-inf")),
+            torch.tensor([1.0, float("inf"), 2.0, float("inf")]), torch.tensor([1.0, float("nan"), 5.0]),
+            torch.tensor([float("nan")]), torch.tensor([-3.0])]
+    ascending = torch.arange(100, dtype=torch.float32)
+    rows += [ascending, ascending.flip(0), torch.cat([torch.zeros(16), torch.ones(1), torch.zeros(15), torch.ones(1)])]
+    for row in rows:
+        x = row.to(dtype)[None]
+        top, index = cpu_bf16.argmax(x)
+        want_top, want_index = two_reductions(x)
+        assert top.dtype == dtype and index.dtype == torch.long
+        assert torch.equal(index, want_index), row
+        assert torch.equal(top, want_top) or (top.isnan().all() and want_top.isnan().all()), row
+    logits = torch.randn(2, 8, 1000, generator=g).to(dtype)
+    logits[0, 1, 500] = logits[0, 1, 900] = 99.0  # a tie at the max, in different blocks
+    for x in (logits, logits[:1, :5], logits[:, 2:7]):
+        top, index = cpu_bf16.argmax(x)
+        want_top, want_index = two_reductions(x)
+        assert top.shape == x.shape[:-1] and torch.equal(top, want_top) and torch.equal(index, want_index)
+    with pytest.raises(RuntimeError, match="fp32 or bf16"):
+        cpu_bf16.ops().argmax_rows(logits[0].double())
+
+
 def test_no_kernel_where_a_gradient_is_wanted(monkeypatch):
     """The operators have no backward: a product, MLP, attention or top-k whose input carries a gradient stays on
     torch's operations (training), and the same call without autograd takes the kernel (decoding)."""
