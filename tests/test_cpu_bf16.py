@@ -36,7 +36,7 @@ def test_reference_is_a_linear_product():
 
 
 @needs_kernel
-@pytest.mark.parametrize("m, n, k", [(1, 64, 2), (3, 150, 96), (9, 17, 1536), (64, 200, 64)])
+@pytest.mark.parametrize("m, n, k", [(1, 64, 2), (3, 150, 96), (6, 70, 576), (9, 17, 1536), (64, 200, 64)])
 def test_kernel_is_its_reference(m, n, k):
     x, w = bf16(m, k, seed=3), bf16(n, k, seed=4, scale=0.05)
     assert torch.equal(cpu_bf16.linear(x, w), linear_reference(x, pack(w), n))
