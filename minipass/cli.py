@@ -61,7 +61,7 @@ def add_decoding_args(parser: argparse.ArgumentParser, compile_default: bool = F
                         help="look-ahead embeddings (.safetensors); default: the ones shipped for the default model, "
                              "else untrained (mean-embedding) ones")
     parser.add_argument("--datastore", default=None,
-                        help="tree: a datastore file (python -m minipass.datastore) whose continuations of the "
+                        help="tree: a datastore file (python -m minipass.build_datastore) whose continuations of the "
                              "context's suffix the trees also draft, or none; default: the one shipped for the "
                              "default model, else none")
     parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],

@@ -77,7 +77,7 @@ class Datastore:
         for j in range(1, n + 1):
             ok &= s[e - j] >= 0
         e = e[ok]
-        key = pack_np([s[e - n + j] for j in range(n)])
+        key = pack([s[e - n + j] for j in range(n)])
         first = s[e]
         # A hash of the continuation up to its first separator, for counting equal continuations.
         h = np.zeros(len(e), dtype=np.uint64)
@@ -117,7 +117,7 @@ class Datastore:
         """Reference (plain Python, the test oracle of `store_chains`): the chains (of up to `length` tokens,
         default ell) of the longest suffix of `context` (up to n_max tokens) that the store holds; [] if none."""
         for n in range(min(self.n_max, len(context)), 0, -1):
-            key = int(pack_np([np.asarray([t]) for t in context[-n:]])[0])
+            key = int(pack([np.asarray([t], dtype=np.int64) for t in context[-n:]])[0])
             keys = self.keys[n - 1].cpu().numpy()
             i = int(np.searchsorted(keys, key))
             if i < len(keys) and keys[i] == key:
@@ -135,12 +135,14 @@ class Datastore:
         return []
 
 
-def pack_np(cols: list) -> np.ndarray:
-    """Packed keys of n-grams given as n columns (oldest token first)."""
-    key = np.zeros(len(cols[0]), dtype=np.int64)
-    for c in cols:
-        key = (key << BITS) | np.asarray(c, dtype=np.int64)
-    return key | (np.int64(len(cols)) << (BITS * N_MAX))  # the length in the top bits: n-grams of any n differ
+def pack(cols: list):
+    """Packed keys of n-grams given as n int64 columns (oldest token first), numpy arrays (the tables) or tensors
+    (the lookup in a step): BITS bits per token, the length n in the top bits, so n-grams of any n differ."""
+    n = len(cols)
+    key = cols[0] * 0 + (n << (BITS * N_MAX))
+    for j, c in enumerate(cols):
+        key = key | (c << (BITS * (n - 1 - j)))
+    return key
 
 
 def store_chains(store: Datastore, ctx: Tensor, length: Tensor, chains: int, ell: int) -> Tensor:
@@ -159,9 +161,7 @@ def store_chains(store: Datastore, ctx: Tensor, length: Tensor, chains: int, ell
     for n in range(store.n_max, 0, -1):
         pos = (length[:, None] - n + torch.arange(n, device=dev)).clamp(min=0)
         grams = ctx.gather(1, pos)  # (B, n), oldest first
-        key = torch.full((B,), n << (BITS * N_MAX), dtype=torch.long, device=dev)
-        for j in range(n):
-            key = key | (grams[:, j] << (BITS * (n - 1 - j)))
+        key = pack([grams[:, j] for j in range(n)])
         keys = store.keys[n - 1]
         if keys.numel() == 0:
             continue
